@@ -133,8 +133,11 @@ class IPAttentionPatch:
             if kinds is None:
                 kinds = self.state.kinds_for(q.shape[0], q.device)
             k, v = kv
-            k = k.index_select(0, kinds).to(q.dtype)
-            v = v.index_select(0, kinds).to(q.dtype)
+            if k.device != q.device or k.dtype != q.dtype:   # lowvram/medvram, fp8 weights: move once
+                k, v = k.to(q.device, q.dtype), v.to(q.device, q.dtype)
+                unit.kv[layer.index] = (k, v)
+            k = k.index_select(0, kinds)
+            v = v.index_select(0, kinds)
             out = _attention(q, k, v, layer.module.heads)
             if unit.mask is not None:
                 m = _mask_for(unit.mask, q.shape[1], self.state.latent_hw)

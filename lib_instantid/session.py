@@ -89,9 +89,10 @@ class GenerationPatch:
             _check_attention_unit(unit, self.layers)
         n_inputs = len(input_output_blocks(self.unet)[0]) if self.control else 0
         ref = self.layers[0].module.to_k.weight
+        dtype = ref.dtype if ref.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
         try:
             for unit, _ in self.attention:
-                unit.prepare(self.layers, ref.device, ref.dtype)
+                unit.prepare(self.layers, ref.device, dtype)
             for unit, _ in self.control:
                 self._check_control_unit(unit, n_inputs)
             self.state.unit_scales = [0.0] * len(self.attention)

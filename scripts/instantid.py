@@ -9,6 +9,7 @@ import logging
 import os
 
 import gradio as gr
+import torch
 
 from modules import devices, paths_internal, script_callbacks, scripts, shared
 
@@ -39,6 +40,12 @@ def locations():
 def face_device():
     wanted = getattr(shared.opts, "instantid_face_device", "CPU")
     return "cuda" if wanted == "CUDA" and getattr(devices.device, "type", "cpu") == "cuda" else "cpu"
+
+
+def compute_dtype():
+    """The UNet's dtype, or fp16 when the webui stores UNet weights in fp8."""
+    dtype = devices.dtype_unet
+    return dtype if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
 
 
 def model_choices():
@@ -209,7 +216,7 @@ class InstantIDScript(scripts.Script):
             if not request.active_units:
                 return
             prepared = prepare(request, locations(), p.sd_model.model.diffusion_model, device=devices.device,
-                               dtype=devices.dtype_unet, face_device=face_device())
+                               dtype=compute_dtype(), face_device=face_device())
             p.extra_generation_params.update(prepared.infotext)
         except Exception as exc:  # raised from p.sample, where the webui shows it to the user
             error = describe(exc)
