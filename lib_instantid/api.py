@@ -58,9 +58,6 @@ def detect_info(payload: dict, locations: Locations, face_device: str, cache: Mo
     unknown = sorted(set(payload) - {"image", "face", "width", "height"})
     if unknown:
         raise InputError(f"Unknown field '{unknown[0]}'; known fields: image, face, width, height.")
-    image = decode_image(payload.get("image"), "image")
-    if image is None:
-        raise InputError("Field 'image' is required: a base64-encoded PNG or JPEG photo.")
     mode = convert(Field("face", "face", "largest", ""), payload.get("face", "largest"), "")
     size = {}
     for name in ("width", "height"):
@@ -69,6 +66,9 @@ def detect_info(payload: dict, locations: Locations, face_device: str, cache: Mo
             if not isinstance(value, int) or isinstance(value, bool) or not 8 <= value <= 8192:
                 raise InputError(f"Field '{name}' must be an integer number of pixels between 8 and 8192.")
             size[name] = value
+    image = decode_image(payload.get("image"), "image")
+    if image is None:
+        raise InputError("Field 'image' is required: a base64-encoded PNG or JPEG photo.")
     faces, chosen = preview(image, locations, face_device, mode, cache)
     faces = sorted(faces, key=lambda f: float(f.bbox[0]))
     result = {"faces": [{"bbox": [float(v) for v in f.bbox], "kps": [[float(x), float(y)] for x, y in f.kps],

@@ -112,8 +112,8 @@ def decode_image(value: Any, name: str) -> Optional[np.ndarray]:
                 arr = np.asarray(img.convert("RGB"))
         else:
             raise TypeError(type(value).__name__)
-    except Exception as exc:
-        raise InputError(f"Field '{name}' is not a readable image ({exc}); send a PNG or JPEG as a base64 "
+    except Exception:
+        raise InputError(f"Field '{name}' is not a readable image; send a PNG or JPEG file as a base64 "
                          "string.") from None
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)

@@ -173,3 +173,25 @@ def sdxl_inputs(batch: int, size: int = 16, seed: int = 0):
     time_ids = torch.tensor([[1024.0, 1024.0, 0.0, 0.0, 1024.0, 1024.0]]).repeat(batch, 1)
     y = torch.cat([pooled, sinusoid(time_ids)], dim=1)
     return x, t, ctx, y, {"text_embeds": pooled, "time_ids": time_ids}
+
+
+def sdxl_full_meta() -> UNetModel:
+    """The full-size SDXL UNet topology (sgm: depths 2 and 10) on the meta device, ldm classes."""
+    with torch.device("meta"):
+        unet = UNetModel(
+            image_size=128, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=2,
+            attention_resolutions=[4, 2], channel_mult=[1, 2, 4], num_head_channels=64,
+            use_spatial_transformer=True, use_linear_in_transformer=True, transformer_depth=10,
+            context_dim=[SDXL_CONTEXT] * 10, legacy=False)
+    for name, module in unet.named_modules():   # the 640-wide level has depth 2 in SDXL
+        if isinstance(module, SpatialTransformer) and module.proj_in.in_features == 640:
+            module.transformer_blocks = module.transformer_blocks[:2]
+    return unet
+
+
+def sd15_full_meta() -> UNetModel:
+    with torch.device("meta"):
+        return UNetModel(
+            image_size=64, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=2,
+            attention_resolutions=[4, 2, 1], channel_mult=[1, 2, 4, 4], num_heads=8,
+            use_spatial_transformer=True, transformer_depth=1, context_dim=768, legacy=False)
