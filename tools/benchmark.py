@@ -1,0 +1,165 @@
+"""Benchmark: what InstantID adds to a sampling step, and what face analysis costs.
+
+Prints figures (it asserts nothing):
+- per-step time of the webui's UNet (the real ldm class in SDXL topology, random weights) plain,
+  with the decoupled IP attention, and with IP attention + IdentityNet; the ratio to plain and
+  IdentityNet's share of the step;
+- face analysis of one photo: first run (session creation + detection + recognition) and a
+  repeated generation with the same photo (served from the content cache).
+
+    python tools/benchmark.py                      # reduced width, CPU (minutes on 2 cores)
+    python tools/benchmark.py --full --device cuda --dtype fp16 --size 128   # full-size SDXL on a GPU
+
+Needs the test requirements (ldm from stable-diffusion-sdkit, insightface, onnx, scikit-image).
+"""
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+from lib_instantid.identitynet import INSTANTID_CONFIG, IdentityNet  # noqa: E402
+from lib_instantid.instantid import KpsHint  # noqa: E402
+from lib_instantid.ip_attention import AttentionUnit  # noqa: E402
+from lib_instantid.residuals import ControlUnit  # noqa: E402
+from lib_instantid.session import GenerationPatch, Schedule  # noqa: E402
+from lib_instantid.unet_layers import cross_attention_layers  # noqa: E402
+
+
+def build(full: bool, device, dtype):
+    from unets import sdxl_like, _no_zero_params
+    if full:
+        from unets import sdxl_full_meta
+        unet = sdxl_full_meta().to_empty(device=device)
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.normal_(0, 0.02)
+        config = dict(INSTANTID_CONFIG)
+    else:
+        unet = _no_zero_params(sdxl_like(width=128, depth=2))
+        config = dict(INSTANTID_CONFIG, block_out_channels=[128, 256, 512], attention_head_dim=[2, 4, 8],
+                      transformer_layers_per_block=[1, 2, 2])
+    unet = unet.to(device, dtype).eval()
+    with torch.device("meta"):
+        net = IdentityNet(config)
+    net = net.to_empty(device=device)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.02)
+    net = net.to(dtype).eval()
+    g = torch.Generator().manual_seed(0)
+    weights = {l.index: (torch.randn(l.inner_dim, 2048, generator=g) * 0.02,
+                         torch.randn(l.inner_dim, 2048, generator=g) * 0.02) for l in cross_attention_layers(unet)}
+    tokens = torch.randn(2, 16, 2048, generator=g)
+    return unet, net, weights, tokens
+
+
+def time_steps(fn, repeats):
+    times = []
+    for i in range(repeats + 1):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if i:                       # the first call warms up
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+class CallsUNet(torch.nn.Module):
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, context, y):
+        return self.unet(x, t, context=context, y=y)
+
+
+def step_figures(args):
+    device, dtype = torch.device(args.device), {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    unet, net, weights, tokens = build(args.full, device, dtype)
+    model = CallsUNet(unet)
+    b, s = 2, args.size
+    x = torch.randn(b, 4, s, s, device=device, dtype=dtype)
+    t = torch.full((b,), 500.0, device=device)
+    ctx = torch.randn(b, 77, 2048, device=device, dtype=dtype)
+    y = torch.randn(b, 2816, device=device, dtype=dtype)
+    kps = np.array([[40, 50], [80, 52], [60, 75], [45, 95], [78, 96]], np.float32) * (s / 16)
+    hint = KpsHint(kps, (s * 8, s * 8))
+
+    def step():
+        with torch.no_grad():
+            model(x, t, ctx, y)
+
+    def patched(with_net):
+        unit = AttentionUnit("bench", tokens, weights)
+        control = [(ControlUnit("bench", net, tokens, hint), Schedule(0.8))] if with_net else []
+        return GenerationPatch(unet, [(unit, Schedule(0.8))], control)
+
+    plain = time_steps(step, args.repeats)
+    with patched(False) as patch:
+        patch.begin_step(x, 1, 0, 10, model)
+        ip = time_steps(step, args.repeats)
+    with patched(True) as patch:
+        patch.begin_step(x, 1, 0, 10, model)
+        full = time_steps(step, args.repeats)
+    print(f"UNet step, batch {b} (cond + uncond), latent {s}x{s}, {'full-size SDXL' if args.full else 'reduced width'},"
+          f" {args.device} {args.dtype}")
+    print(f"  plain UNet                 {plain * 1000:9.1f} ms")
+    n = len(cross_attention_layers(unet))
+    print(f"  + IP attention ({n} layers)  {ip * 1000:8.1f} ms   x{ip / plain:.3f}  (+{(ip / plain - 1) * 100:.1f} %)")
+    print(f"  + IP + IdentityNet         {full * 1000:9.1f} ms   x{full / plain:.3f}  "
+          f"(IdentityNet {((full - ip) / full) * 100:.1f} % of the step)")
+
+
+def face_figures():
+    from face_pack import ASTRONAUT_BOX, ASTRONAUT_KPS, build_pack
+    from skimage import data
+    from lib_instantid.face_analysis import FaceAnalyzer
+
+    root = tempfile.mkdtemp()
+    build_pack(root, det="constant", faces=[(ASTRONAUT_BOX, ASTRONAUT_KPS, 0.98)], image_size=(512, 512))
+    image = data.astronaut()
+    analyzer = FaceAnalyzer(root, "cpu")
+    t0 = time.perf_counter()
+    analyzer.analyze(image)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(20):
+        analyzer.analyze(image)
+    cached = (time.perf_counter() - t0) / 20
+    print("Face analysis, 512x512 photo (synthetic antelopev2 stand-ins, real insightface code path):")
+    print(f"  first generation   {first * 1000:8.1f} ms (model load + detection + recognition)")
+    print(f"  same photo again   {cached * 1000:8.3f} ms (content cache; analysis runs: {analyzer.runs})")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--full", action="store_true", help="full-size SDXL UNet and IdentityNet (needs a GPU)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
+    ap.add_argument("--size", type=int, default=32, help="latent size (128 = 1024 px)")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-face", action="store_true")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    step_figures(args)
+    if not args.no_face:
+        face_figures()
+
+
+if __name__ == "__main__":
+    main()
