@@ -172,7 +172,7 @@ def prepare(request: Request, locations: Locations, unet: torch.nn.Module, *, de
 
 def preview(image: np.ndarray, locations: Locations, face_device: str = "cpu", mode="largest",
             cache: ModelCache = CACHE):
-    """Faces of an image and the keypoint map of the chosen one (for the UI preview and the API)."""
+    """Faces of an image and the one ``mode`` chooses (None when there is no face)."""
     analyzer = face_analyzer(locations, face_device, cache)
     faces = analyzer.detect(image)
     chosen = analyzer.analyze(image, mode) if faces else None
@@ -180,9 +180,27 @@ def preview(image: np.ndarray, locations: Locations, face_device: str = "cpu", m
 
 
 def kps_map(image: np.ndarray, face, width: Optional[int] = None, height: Optional[int] = None) -> np.ndarray:
+    """The keypoint map of ``face`` (found in ``image``) at width x height (default: the image's size)."""
     h, w = image.shape[:2]
-    hint = KpsHint(face.kps, (w, h))
-    return hint.image(width or w, height or h)
+    return KpsHint(face.kps, (w, h)).image(width or w, height or h)
+
+
+def preview_picture(image: np.ndarray, faces, chosen, pose_image: Optional[np.ndarray] = None,
+                    pose_face=None) -> np.ndarray:
+    """The photo with every face boxed (the chosen one green) beside the keypoint map that will be used."""
+    import cv2
+    shown = image.copy()
+    thick = max(2, image.shape[1] // 256)
+    for face in faces:
+        color = (0, 255, 0) if np.array_equal(face.bbox, chosen.bbox) else (255, 200, 0)
+        x0, y0, x1, y1 = (int(v) for v in face.bbox)
+        cv2.rectangle(shown, (x0, y0), (x1, y1), color, thick)
+    kps_image = kps_map(pose_image, pose_face) if pose_face is not None else kps_map(image, chosen)
+    if kps_image.shape[0] != shown.shape[0]:
+        scale = shown.shape[0] / kps_image.shape[0]
+        kps_image = cv2.resize(kps_image, (max(1, int(kps_image.shape[1] * scale)), shown.shape[0]),
+                               interpolation=cv2.INTER_NEAREST)
+    return np.concatenate([shown, kps_image], axis=1)
 
 
 def default_locations(models_path: str, extra_controlnet_dirs: Sequence[str] = (),

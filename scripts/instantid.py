@@ -18,7 +18,7 @@ from lib_instantid import api, infotext
 from lib_instantid import params as P
 from lib_instantid.errors import InstantIDError
 from lib_instantid.model_cache import CACHE
-from lib_instantid.pipeline import default_locations, kps_map, list_models, prepare, preview
+from lib_instantid.pipeline import default_locations, list_models, prepare, preview, preview_picture
 
 log = logging.getLogger("instantid")
 PATCH_ATTR = "_instantid_patch"
@@ -111,28 +111,30 @@ def describe(exc):
 # -- UI ------------------------------------------------------------------------------------------
 
 def preview_image(image, pose, face):
-    import numpy as np
+    """The "Detect face" button: boxes on the photo and the keypoint map that will be used."""
     try:
         img = P.decode_image(image, "face photo")
         if img is None:
             return None, "Drop a face photo first."
-        faces, chosen = preview(img, locations(), face_device(), P.convert(P.FIELDS_BY_NAME["face"], face, ""))
+        mode = P.convert(P.FIELDS_BY_NAME["face"], face, "")
+        faces, chosen = preview(img, locations(), face_device(), mode)
         if chosen is None:
             return None, "No face was detected in the photo."
-        kps_src = P.decode_image(pose, "pose photo")
-        if kps_src is not None:
-            _, pose_face = preview(kps_src, locations(), face_device(), "largest")
-            img, chosen = (kps_src, pose_face) if pose_face is not None else (img, chosen)
-        shown = img.copy()
-        import cv2
-        for f in faces if img is not kps_src else [chosen]:
-            x0, y0, x1, y1 = [int(v) for v in f.bbox]
-            color = (0, 255, 0) if f is chosen or np.array_equal(f.bbox, chosen.bbox) else (255, 255, 0)
-            cv2.rectangle(shown, (x0, y0), (x1, y1), color, max(2, img.shape[1] // 256))
-        both = np.concatenate([shown, kps_map(img, chosen)], axis=1)
-        return both, f"{len(faces)} face(s) found; the green box is used."
+        pose_img, pose_face = P.decode_image(pose, "pose photo"), None
+        if pose_img is not None:
+            pose_face = preview(pose_img, locations(), face_device(), "largest")[1]
+            if pose_face is None:
+                return None, "No face was detected in the pose photo."
+        picture = preview_picture(img, faces, chosen, pose_img, pose_face)
+        return picture, f"{len(faces)} face(s) found; the green one is used."
     except InstantIDError as exc:
         return None, str(exc)
+
+
+def free_models():
+    CACHE.clear()
+    devices.torch_gc()
+    return "InstantID models were freed."
 
 
 def infotext_fields_for(enabled, components):
@@ -160,7 +162,7 @@ class InstantIDScript(scripts.Script):
 
     def ui(self, is_img2img):
         from modules.ui_common import create_refresh_button
-        from modules.ui_components import InputAccordion
+        from modules.ui_components import InputAccordion, ToolButton
 
         eid = self.elem_id
         adapters, identitynets = model_choices()
@@ -180,6 +182,7 @@ class InstantIDScript(scripts.Script):
                                       eid("refresh_adapter"))
                 create_refresh_button(identitynet, lambda: None, lambda: {"choices": model_choices()[1]},
                                       eid("refresh_identitynet"))
+                free = ToolButton("\U0001f5d1\ufe0f", elem_id=eid("free"))
             with gr.Row():
                 weight = gr.Slider(-1.0, 3.0, 0.8, step=0.05, label="Adapter weight", elem_id=eid("weight"))
                 start = gr.Slider(0.0, 1.0, 0.0, step=0.01, label="Adapter start", elem_id=eid("start"))
@@ -200,6 +203,7 @@ class InstantIDScript(scripts.Script):
             message = gr.Markdown("", elem_id=eid("message"))
             unit_enabled = gr.Checkbox(True, visible=False, elem_id=eid("unit_enabled"))
         detect.click(preview_image, inputs=[image, pose, face], outputs=[shown, message])
+        free.click(free_models, inputs=[], outputs=[message])
 
         unit = [unit_enabled, image, more, pose, adapter, identitynet, weight, start, end, strength,
                 cn_start, cn_end, face, hires_adapter, hires_cn]   # the order of params.UI_ORDER

@@ -84,3 +84,16 @@ def test_fp8_unet_weights_compute_in_fp16(webui, script_module, monkeypatch):
     from modules import devices
     monkeypatch.setattr(devices, "dtype_unet", getattr(torch, "float8_e4m3fn", torch.float16))
     assert script_module.compute_dtype() == torch.float16
+
+
+def test_detect_button_shows_boxes_and_keypoints(webui, script_module, astronaut):
+    from face_pack import ASTRONAUT_BOX
+    picture, message = script_module.preview_image(astronaut, None, "largest")
+    assert picture.shape == (512, 1024, 3) and "1 face(s) found" in message
+    x0, y0 = ASTRONAUT_BOX[:2].astype(int)
+    assert tuple(picture[y0, x0 + 5]) == (0, 255, 0)                  # the chosen face's green box
+    assert tuple(picture[0, 512 + 5]) == (0, 0, 0)                    # the keypoint map beside it
+    assert script_module.preview_image(None, None, "largest") == (None, "Drop a face photo first.")
+    _, message = script_module.preview_image(astronaut, None, "3")
+    assert message.startswith("Face number 3 was requested but the reference image has 1 face(s)")
+    assert script_module.free_models() == "InstantID models were freed."
