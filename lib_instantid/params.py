@@ -196,6 +196,8 @@ def parse_args(args: Sequence[Any], units_in_ui: int = 1) -> Request:
     if args and isinstance(args[0], dict):
         data = dict(args[0])
         enabled = convert(Field("enabled", "bool", False, ""), data.pop("enabled", False), "")
+        if not enabled:           # a disabled panel is never an error
+            return Request(False, [])
         if "units" in data:
             units_data = data.pop("units")
             if data:
@@ -214,6 +216,8 @@ def parse_args(args: Sequence[Any], units_in_ui: int = 1) -> Request:
     if not args:
         return Request(False, [])
     enabled = convert(Field("enabled", "bool", False, ""), args[0], "")
+    if not enabled:
+        return Request(False, [])
     n = len(UI_ORDER)
     units = [unit_from_values(args[1 + i * n: 1 + (i + 1) * n], f"units[{i}].") for i in range(units_in_ui)
              if len(args) >= 1 + (i + 1) * n]

@@ -80,14 +80,17 @@ def wrap_sample(p, prepared, error):
             raise error
         patch = prepared.patch(p.sd_model.model.diffusion_model)
         setattr(p, PATCH_ATTR, patch)
+        done = False
         try:
             with patch:
-                return original(*args, **kwargs)
+                result = original(*args, **kwargs)
+            done = True
+            return result
         finally:
             setattr(p, PATCH_ATTR, None)
-            if not getattr(shared.opts, "instantid_keep_models", True):
-                CACHE.clear()
-                devices.torch_gc()
+            last_batch = getattr(p, "iteration", 0) >= getattr(p, "n_iter", 1) - 1
+            if not getattr(shared.opts, "instantid_keep_models", True) and (last_batch or not done):
+                free_models()
 
     p.sample = sample
 

@@ -214,6 +214,15 @@ def test_identitynet_and_adapter_each_act(env):
         assert (img - off).abs().max() > 1e-4 and (img - both).abs().max() > 1e-4
 
 
+def test_keypoints_are_drawn_at_each_pass_size(env, monkeypatch):
+    from lib_instantid.instantid import KpsHint
+    sizes = []
+    image = KpsHint.image
+    monkeypatch.setattr(KpsHint, "image", lambda self, w, h: sizes.append((w, h)) or image(self, w, h))
+    run(env, enable_hr=True, hr_scale=1.5)
+    assert sizes == [(128, 128), (192, 192)]
+
+
 def test_hires_option_switches_parts_off_in_the_second_pass(env):
     on, _ = run(env, enable_hr=True, hr_scale=1.5)
     args = {"enabled": True, "image": env["face"], "hires_adapter": False, "hires_identitynet": False}

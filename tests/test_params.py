@@ -26,6 +26,7 @@ def test_ui_positional_values():
     unit = req.active_units[0]
     assert unit.weight == 1.2 and unit.face == "1" and unit.image.shape == (4, 4, 3)
     assert not parse_args([False] + [values[n] for n in UI_ORDER]).active_units
+    assert parse_args([True] + [values[n] for n in UI_ORDER]).units[0].adapter == ""
 
 
 def test_api_dict_single_unit_and_units():
@@ -37,6 +38,7 @@ def test_api_dict_single_unit_and_units():
     req = parse_args([{"enabled": True, "units": [{"image": b64()}, {"image": b64(), "enabled": False}]}])
     assert len(req.units) == 2 and len(req.active_units) == 1
     assert parse_args([{"image": b64()}]).active_units == []   # "enabled" defaults to false, like the UI
+    assert parse_args([{"enabled": False, "weight": "x"}]).active_units == []   # a disabled panel never fails
 
 
 @pytest.mark.parametrize("args,message", [

@@ -16,8 +16,9 @@ def test_ui_builds_and_defaults_are_a_disabled_panel(webui, script_module):
         runner.setup_ui(is_img2img=False)
     defaults = runner.default_args()[script.args_from:script.args_to]
     from lib_instantid.params import parse_args
-    req = parse_args(defaults)
-    assert req.enabled is False and req.units[0].weight == 0.8 and req.units[0].identitynet_strength == 0.8
+    assert defaults[0] is False and parse_args(defaults).active_units == []
+    req = parse_args([True] + defaults[1:])
+    assert req.units[0].weight == 0.8 and req.units[0].identitynet_strength == 0.8
     assert req.units[0].adapter == "ip-adapter.bin" and req.units[0].identitynet == "ControlNetModel"
     assert script.title() == "InstantID" and script.show(False) is scripts.AlwaysVisible
 
