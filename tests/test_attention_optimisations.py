@@ -17,7 +17,7 @@ from lib_instantid.ip_attention import AttentionUnit
 from lib_instantid.session import GenerationPatch, Schedule
 from lib_instantid.unet_layers import cross_attention_layers
 
-from unets import sdxl_inputs, sdxl_like
+from unets import CallsUNet, sdxl_inputs, sdxl_like
 
 
 def _heads(self, x, context):
@@ -61,13 +61,6 @@ def setup():
     return unet, weights, tokens
 
 
-class CallsUNet(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, t, context=None, y=None):
-        return self.unet(x, t, context=context, y=y)
 
 
 def _run(setup, forward, patched):

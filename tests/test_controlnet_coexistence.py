@@ -14,7 +14,7 @@ import torch
 
 from lib_instantid.hooks import count_hooks
 
-from test_generation import Recorder, b64, conds  # noqa: F401  (fixtures come from conftest)
+from test_generation import Recorder, b64, conds, record_truth
 
 gr = pytest.importorskip("gradio")
 pytest.importorskip("insightface")
@@ -90,20 +90,13 @@ def _runner(webui, script_module, unet, cn_first):
 
 @pytest.mark.parametrize("cn_first", [True, False])
 def test_both_extensions_in_one_generation(webui, script_module, sdxl_unet, astronaut, cn_first, monkeypatch):
-    from modules import processing, sd_samplers, shared
+    from modules import processing, shared
     from modules.sd_samplers import SDXLModel
 
     shared.sd_model = SDXLModel(sdxl_unet, empty_prompt=torch.zeros(1, 77, 2048))
     shared.opts.batch_cond_uncond = False           # separate calls: where per-call labels matter
     runner, ours, cn = _runner(webui, script_module, sdxl_unet, cn_first)
-    truth = []
-    init = sd_samplers.EulerSampler.__init__
-
-    def record_init(self, sd_model):
-        init(self, sd_model)
-        truth.append(self.model_wrap_cfg.calls)
-
-    monkeypatch.setattr(sd_samplers.EulerSampler, "__init__", record_init)
+    truth = record_truth(monkeypatch)
     hooks_before = count_hooks(sdxl_unet)
     rec = Recorder(script_module, sdxl_unet)
 

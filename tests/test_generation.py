@@ -105,12 +105,9 @@ def check_labels(p, rec):
     assert rec.seen == truth, (rec.seen, truth)
 
 
-@pytest.fixture
-def record(env, monkeypatch):
-    """Collect the truth of every CFG denoiser created in the generation, and what the patch saw."""
+def record_truth(monkeypatch):
+    """A list that receives, for every sampler created, its CFG denoiser's per-call truth."""
     from modules import sd_samplers
-    rec = Recorder(env["module"], env["unet"])
-    rec.p = None
     created = []
     original = sd_samplers.EulerSampler.__init__
 
@@ -119,7 +116,15 @@ def record(env, monkeypatch):
         created.append(self.model_wrap_cfg.calls)
 
     monkeypatch.setattr(sd_samplers.EulerSampler, "__init__", init)
-    rec.created = created
+    return created
+
+
+@pytest.fixture
+def record(env, monkeypatch):
+    """Collect the truth of every CFG denoiser created in the generation, and what the patch saw."""
+    rec = Recorder(env["module"], env["unet"])
+    rec.p = None
+    rec.created = record_truth(monkeypatch)
     yield rec
     rec.close()
 

@@ -19,7 +19,7 @@ from lib_instantid.instantid import KpsHint, attention_unit, control_unit, face_
 from lib_instantid.session import GenerationPatch, Schedule
 
 from conftest import SMALL_IDENTITYNET
-from unets import diffusers_twin, sdxl_inputs, sdxl_like, sinusoid
+from unets import CallsUNet, diffusers_twin, sdxl_inputs, sdxl_like, sinusoid
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -96,13 +96,6 @@ def _ours(models):
                            [(control_unit("InstantID", models["net"], tokens, hint), Schedule(CN_SCALE))]), hint
 
 
-class CallsUNet(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, t, context=None, y=None):
-        return self.unet(x, t, context=context, y=y)
 
 
 @pytest.mark.parametrize("kinds", [[0, 1], [0, 0, 1, 1], [1]])

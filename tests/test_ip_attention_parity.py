@@ -14,20 +14,11 @@ from lib_instantid.ip_attention import AttentionUnit
 from lib_instantid.session import GenerationPatch, Schedule
 from lib_instantid.unet_layers import cross_attention_layers
 
-from unets import SDXL_CONTEXT, diffusers_twin, sdxl_inputs, sdxl_like
+from unets import CallsUNet, SDXL_CONTEXT, diffusers_twin, sdxl_inputs, sdxl_like
 
 diffusers = pytest.importorskip("diffusers")
 
 
-class CallsUNet(nn.Module):
-    """Stands in for the webui's k-diffusion wrapper: the module the CFG denoiser calls."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, t, context=None, y=None):
-        return self.unet(x, t, context=context, y=y)
 
 
 @pytest.fixture(scope="module")

@@ -195,3 +195,14 @@ def sd15_full_meta() -> UNetModel:
             image_size=64, in_channels=4, model_channels=320, out_channels=4, num_res_blocks=2,
             attention_resolutions=[4, 2, 1], channel_mult=[1, 2, 4, 4], num_heads=8,
             use_spatial_transformer=True, transformer_depth=1, context_dim=768, legacy=False)
+
+
+class CallsUNet(nn.Module):
+    """Stands in for the webui's k-diffusion wrapper: the module the CFG denoiser calls with views of x_in."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x, t, context=None, y=None):
+        return self.unet(x, t, context=context, y=y)

@@ -64,31 +64,23 @@ def build(full: bool, device, dtype):
 
 
 def time_steps(fn, repeats):
+    """Median seconds of ``repeats`` calls (one call when repeats is 0)."""
     times = []
-    for i in range(repeats + 1):
+    for _ in range(max(1, repeats)):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        if i:                       # the first call warms up
-            times.append(time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     return statistics.median(times)
-
-
-class CallsUNet(torch.nn.Module):
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x, t, context, y):
-        return self.unet(x, t, context=context, y=y)
 
 
 def step_figures(args):
     device, dtype = torch.device(args.device), {"fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     unet, net, weights, tokens = build(args.full, device, dtype)
+    from unets import CallsUNet
     model = CallsUNet(unet)
     b, s = 2, args.size
     x = torch.randn(b, 4, s, s, device=device, dtype=dtype)
@@ -100,20 +92,30 @@ def step_figures(args):
 
     def step():
         with torch.no_grad():
-            model(x, t, ctx, y)
+            model(x, t, context=ctx, y=y)
 
     def patched(with_net):
         unit = AttentionUnit("bench", tokens, weights)
         control = [(ControlUnit("bench", net, tokens, hint), Schedule(0.8))] if with_net else []
         return GenerationPatch(unet, [(unit, Schedule(0.8))], control)
 
-    plain = time_steps(step, args.repeats)
-    with patched(False) as patch:
-        patch.begin_step(x, 1, 0, 10, model)
-        ip = time_steps(step, args.repeats)
-    with patched(True) as patch:
-        patch.begin_step(x, 1, 0, 10, model)
-        full = time_steps(step, args.repeats)
+    # interleave the three configurations so that machine load affects them alike
+    times = {"plain": [], "ip": [], "full": []}
+    for r in range(args.repeats + 1):
+        for name in times:
+            patch = None if name == "plain" else patched(name == "full")
+            if patch is not None:
+                patch.install()
+                patch.begin_step(x, 1, 0, 10, model)
+            try:
+                elapsed = time_steps(step, 0) if r else (step() or 0.0)   # round 0 warms up
+            finally:
+                if patch is not None:
+                    patch.remove()
+            if r:
+                times[name].append(elapsed)
+    # the fastest of the rounds: the least disturbed by other load on the machine
+    plain, ip, full = (min(times[k]) for k in ("plain", "ip", "full"))
     print(f"UNet step, batch {b} (cond + uncond), latent {s}x{s}, {'full-size SDXL' if args.full else 'reduced width'},"
           f" {args.device} {args.dtype}")
     print(f"  plain UNet                 {plain * 1000:9.1f} ms")
@@ -150,7 +152,7 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     ap.add_argument("--size", type=int, default=32, help="latent size (128 = 1024 px)")
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--no-face", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
