@@ -5,6 +5,9 @@
 - ``POST /instantid/v1/detect`` ``{"image": b64, "face": "largest"|int, "width": int, "height": int}``:
   every face (left to right) with bbox, kps, score and embedding (a JSON float list), the index of
   the chosen one, and its keypoint map as a base64 PNG at width x height (default: the photo's size).
+- ``POST /instantid/v1/convert`` ``{"input": path, "output": file name, "template": name|path,
+  "format": "bin"|"safetensors", "force": bool}``: convert a training checkpoint into the official
+  layout (written into the IP-Adapter folder, only if it validates); returns the report as JSON.
 - ``POST /instantid/v1/unload``: free every cached model.
 Bad input gives HTTP 422 with ``{"detail": "<a sentence naming the field>"}``. JSON only; no pickle.
 """
@@ -81,8 +84,39 @@ def detect_info(payload: dict, locations: Locations, face_device: str, cache: Mo
     return result
 
 
+def convert_request(payload: dict, output_dir: str):
+    """Run the converter for a request (the route and the UI section); returns its ``Report``.
+
+    The output is a file name, written into ``output_dir`` (the IP-Adapter folder) only.
+    """
+    import os
+    from .convert import convert
+    if not isinstance(payload, dict):
+        raise InputError("The request body must be a JSON object with the fields 'input' and 'output'.")
+    unknown = sorted(set(payload) - {"input", "output", "template", "format", "force"})
+    if unknown:
+        raise InputError(f"Unknown field '{unknown[0]}'; known fields: input, output, template, format, force.")
+    source = payload.get("input")
+    if not isinstance(source, str) or not source.strip():
+        raise InputError("Field 'input' is required: the path of the training checkpoint (file or folder).")
+    name = payload.get("output")
+    if name is not None and (not isinstance(name, str) or os.path.basename(name) != name or not name.strip()):
+        raise InputError("Field 'output' must be a file name (no folder): the file is written into "
+                         f"{output_dir}.")
+    for field_name in ("template", "format"):
+        if payload.get(field_name) is not None and not isinstance(payload[field_name], str):
+            raise InputError(f"Field '{field_name}' must be a string.")
+    force = payload.get("force", False)
+    if not isinstance(force, bool):
+        raise InputError("Field 'force' must be true or false.")
+    output = os.path.join(output_dir, name) if name else None
+    if output:
+        os.makedirs(output_dir, exist_ok=True)
+    return convert(source.strip(), output, payload.get("template") or None, payload.get("format") or None, force)
+
+
 def register(app, locations: Callable[[], Locations], face_device: Callable[[], str],
-             cache: ModelCache = CACHE) -> None:
+             cache: ModelCache = CACHE, output_dir: Callable[[], str] = lambda: "ipadapter") -> None:
     from fastapi import Body, HTTPException
 
     def guarded(fn):
@@ -98,6 +132,10 @@ def register(app, locations: Callable[[], Locations], face_device: Callable[[], 
     @app.post("/instantid/v1/detect")
     def post_detect(payload: dict = Body(...)):
         return guarded(lambda: detect_info(payload, locations(), face_device(), cache))
+
+    @app.post("/instantid/v1/convert")
+    def post_convert(payload: dict = Body(...)):
+        return guarded(lambda: convert_request(payload, output_dir()).to_dict())
 
     @app.post("/instantid/v1/unload")
     def post_unload():

@@ -1,9 +1,10 @@
-"""Face analysis with insightface and the antelopev2 pack (detection + ArcFace embedding).
+"""Face analysis with insightface (detection + ArcFace embedding).
 
-Layout on disk: ``<insightface_root>/models/antelopev2/*.onnx``; in the webui the root is
-``<webui>/models/insightface``. ``check_antelopev2`` validates that folder before insightface is
-touched, so insightface never tries to download anything. ``FaceAnalyzer`` loads the models on
-first use, runs them (CPU by default) and caches results per image content.
+Two model packs: antelopev2 (InstantID, as the official pipeline) and buffalo_l (IP-Adapter FaceID,
+whose embeddings were trained on it). Layout on disk: ``<insightface_root>/models/<pack>/*.onnx``;
+in the webui the root is ``<webui>/models/insightface``. ``check_pack`` validates that folder before
+insightface is touched, so insightface never tries to download anything. ``FaceAnalyzer`` loads the
+models on first use, runs them (CPU by default) and caches results per image content.
 
 insightface and onnxruntime are imported lazily: this module imports without them.
 """
@@ -24,8 +25,12 @@ from .errors import FaceAnalysisError
 logger = logging.getLogger("instantid")
 
 PACK_NAME = "antelopev2"
-REQUIRED_FILES = ("scrfd_10g_bnkps.onnx", "glintr100.onnx")
-OPTIONAL_FILES = ("2d106det.onnx", "1k3d68.onnx", "genderage.onnx")
+# pack -> (detector, recognizer), optional files
+PACKS = {
+    "antelopev2": (("scrfd_10g_bnkps.onnx", "glintr100.onnx"), ("2d106det.onnx", "1k3d68.onnx", "genderage.onnx")),
+    "buffalo_l": (("det_10g.onnx", "w600k_r50.onnx"), ("2d106det.onnx", "1k3d68.onnx", "genderage.onnx")),
+}
+REQUIRED_FILES, OPTIONAL_FILES = PACKS[PACK_NAME]
 DET_SIZES = (640, 576, 512, 448, 384, 320, 256)
 CACHE_SIZE = 16
 NO_FACE_MESSAGE = (
@@ -36,35 +41,41 @@ NO_FACE_MESSAGE = (
 
 def check_antelopev2(insightface_root: str) -> str:
     """Return ``<root>/models/antelopev2`` or raise FaceAnalysisError saying how to fix the folder."""
+    return check_pack(insightface_root, "antelopev2")
+
+
+def check_pack(insightface_root: str, pack: str = PACK_NAME) -> str:
+    """Return ``<root>/models/<pack>`` or raise FaceAnalysisError saying how to fix the folder."""
+    required, optional = PACKS[pack]
     root = os.path.abspath(os.path.expanduser(str(insightface_root)))
-    model_dir = os.path.join(root, "models", PACK_NAME)
-    where = "Download the antelopev2 face models and put the .onnx files (%s) directly in %s" % (
-        ", ".join(REQUIRED_FILES + OPTIONAL_FILES), model_dir)
+    model_dir = os.path.join(root, "models", pack)
+    where = "Download the %s face models and put the .onnx files (%s) directly in %s" % (
+        pack, ", ".join(required + optional), model_dir)
     if not os.path.isdir(model_dir):
         hint = ""
         if os.path.isfile(model_dir + ".zip"):
-            hint = " There is an antelopev2.zip next to it: unzip it there."
-        elif os.path.isdir(os.path.join(root, PACK_NAME)):
-            hint = " A folder %s exists: move it into %s." % (os.path.join(root, PACK_NAME), os.path.join(root, "models"))
-        raise FaceAnalysisError("The antelopev2 face model folder %s does not exist.%s %s." % (model_dir, hint, where))
+            hint = " There is a %s.zip next to it: unzip it there." % pack
+        elif os.path.isdir(os.path.join(root, pack)):
+            hint = " A folder %s exists: move it into %s." % (os.path.join(root, pack), os.path.join(root, "models"))
+        raise FaceAnalysisError("The %s face model folder %s does not exist.%s %s." % (pack, model_dir, hint, where))
     present = set(name for name in os.listdir(model_dir) if name.lower().endswith(".onnx"))
-    nested = os.path.join(model_dir, PACK_NAME)
+    nested = os.path.join(model_dir, pack)
     if os.path.isdir(nested) and any(n.lower().endswith(".onnx") for n in os.listdir(nested)):
-        if not all(name in present for name in REQUIRED_FILES):
+        if not all(name in present for name in required):
             raise FaceAnalysisError(
-                "The antelopev2 models were unpacked one folder too deep (%s): move the .onnx files up "
-                "one level into %s and delete the empty inner antelopev2 folder." % (nested, model_dir + os.sep))
-    missing = [name for name in REQUIRED_FILES if name not in present]
+                "The %s models were unpacked one folder too deep (%s): move the .onnx files up "
+                "one level into %s and delete the empty inner %s folder." % (pack, nested, model_dir + os.sep, pack))
+    missing = [name for name in required if name not in present]
     if missing:
         state = "is empty" if not present else "is incomplete (missing %s)" % ", ".join(missing)
-        raise FaceAnalysisError("The antelopev2 face model folder %s %s. %s." % (model_dir, state, where))
-    for name in REQUIRED_FILES:
+        raise FaceAnalysisError("The %s face model folder %s %s. %s." % (pack, model_dir, state, where))
+    for name in required:
         if os.path.getsize(os.path.join(model_dir, name)) == 0:
             raise FaceAnalysisError(
                 "The face model %s is an empty file (an interrupted download?). %s." % (os.path.join(model_dir, name), where))
-    absent = [name for name in OPTIONAL_FILES if name not in present]
+    absent = [name for name in optional if name not in present]
     if absent:
-        logger.debug("antelopev2: optional files not present (not needed): %s", ", ".join(absent))
+        logger.debug("%s: optional files not present (not needed): %s", pack, ", ".join(absent))
     return model_dir
 
 
@@ -116,9 +127,13 @@ def _providers_for(device: str):
 
 
 class FaceAnalyzer:
-    """insightface antelopev2 detection + recognition, loaded on first use, cached by image content."""
+    """insightface detection + recognition of one pack, loaded on first use, cached by image content."""
 
-    def __init__(self, insightface_root: str, device: str = "cpu", cache_size: int = CACHE_SIZE):
+    def __init__(self, insightface_root: str, device: str = "cpu", cache_size: int = CACHE_SIZE,
+                 pack: str = PACK_NAME):
+        if pack not in PACKS:
+            raise ValueError("pack must be one of %s, not %r" % (", ".join(PACKS), pack))
+        self.pack = pack
         self.insightface_root = str(insightface_root)
         self.device = device
         self._providers, self._ctx_id = _providers_for(device)
@@ -135,7 +150,8 @@ class FaceAnalyzer:
     def _load(self):
         if self._app is not None:
             return self._app
-        model_dir = check_antelopev2(self.insightface_root)  # before insightface: it would download
+        model_dir = check_pack(self.insightface_root, self.pack)  # before insightface: it would download
+        detector_file, recognizer_file = PACKS[self.pack][0]
         try:
             from insightface.app import FaceAnalysis
         except ImportError as exc:
@@ -151,16 +167,16 @@ class FaceAnalyzer:
                 app.prepare(ctx_id=self._ctx_id, det_size=(640, 640))
         except AssertionError as exc:
             raise FaceAnalysisError(
-                "insightface found no usable face detector in %s. Replace scrfd_10g_bnkps.onnx with a fresh copy "
-                "of the antelopev2 pack." % model_dir) from exc
+                "insightface found no usable face detector in %s. Replace %s with a fresh copy of the %s "
+                "pack." % (model_dir, detector_file, self.pack)) from exc
         except Exception as exc:  # a corrupt or foreign .onnx file: say which folder to fix
             raise FaceAnalysisError(
-                "The antelopev2 face models in %s could not be loaded (%s: %s). Download the antelopev2 pack "
-                "again and replace the .onnx files." % (model_dir, type(exc).__name__, exc)) from exc
+                "The %s face models in %s could not be loaded (%s: %s). Download the %s pack again and "
+                "replace the .onnx files." % (self.pack, model_dir, type(exc).__name__, exc, self.pack)) from exc
         if "recognition" not in app.models:
             raise FaceAnalysisError(
-                "insightface found no usable face recognition model in %s. Replace glintr100.onnx with a fresh "
-                "copy of the antelopev2 pack." % model_dir)
+                "insightface found no usable face recognition model in %s. Replace %s with a fresh copy of "
+                "the %s pack." % (model_dir, recognizer_file, self.pack))
         self._record_providers(app)
         self._app = app
         return app
@@ -217,8 +233,8 @@ class FaceAnalyzer:
                 return []
             if kpss is None:
                 raise FaceAnalysisError(
-                    "The face detector in %s gives no facial keypoints; use scrfd_10g_bnkps.onnx from the "
-                    "antelopev2 pack." % os.path.dirname(detector.model_file))
+                    "The face detector in %s gives no facial keypoints; use %s from the %s pack."
+                    % (os.path.dirname(detector.model_file), PACKS[self.pack][0][0], self.pack))
             faces = []
             for box, kps in zip(boxes, kpss):
                 found = InsightFace(bbox=box[:4], kps=kps, det_score=box[4])

@@ -12,18 +12,30 @@ from .params import FIELDS_BY_NAME, UnitParams
 
 KEY = "InstantID"
 SAVED = ["adapter", "identitynet", "weight", "start", "end", "identitynet_strength", "identitynet_start",
-         "identitynet_end", "face", "hires_adapter", "hires_identitynet"]
+         "identitynet_end", "face", "hires_adapter", "hires_identitynet", "encoder", "variant", "weight_type",
+         "composition_weight", "combine", "lora_strength", "s_scale"]
+# written only when they matter for the unit's adapter
+ONLY_IF = {"identitynet": lambda v: v["variant"] == "instantid",
+           "identitynet_strength": lambda v: v["variant"] == "instantid",
+           "identitynet_start": lambda v: v["variant"] == "instantid",
+           "identitynet_end": lambda v: v["variant"] == "instantid",
+           "hires_identitynet": lambda v: v["variant"] == "instantid",
+           "encoder": lambda v: bool(v["encoder"]),
+           "composition_weight": lambda v: "composition" in v["weight_type"],
+           "lora_strength": lambda v: v["variant"] in ("faceid", "faceid_plus", "faceid_plusv2"),
+           "s_scale": lambda v: v["variant"] == "faceid_plusv2"}
 
 
 def unit_key(index: int, count: int) -> str:
     return KEY if count == 1 else f"{KEY} unit {index + 1}"
 
 
-def format_unit(unit: UnitParams, adapter: str, identitynet: str, images: int) -> str:
+def format_unit(unit: UnitParams, adapter: str, identitynet: str, images: int, encoder: str = "",
+                variant: str = "instantid") -> str:
     values = dict((name, getattr(unit, name)) for name in SAVED)
-    values.update(adapter=adapter, identitynet=identitynet)
-    parts = [f"{name}={values[name]}" for name in SAVED] + [f"images={images}"]
-    return "; ".join(parts)
+    values.update(adapter=adapter, identitynet=identitynet, encoder=encoder, variant=variant)
+    parts = [f"{name}={values[name]}" for name in SAVED if ONLY_IF.get(name, lambda v: True)(values)]
+    return "; ".join(parts + [f"images={images}"])
 
 
 def parse_unit(text: str) -> Dict[str, Any]:

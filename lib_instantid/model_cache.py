@@ -29,6 +29,8 @@ class ModelCache:
         self._lock = threading.RLock()
         self.detected: Dict[tuple, Any] = {}     # model_files.inspect's cache
         self.loads = 0                            # how many models were actually loaded
+        self._results: "OrderedDict[tuple, Any]" = OrderedDict()
+        self.computed = 0                         # how many results were actually computed
 
     def get(self, kind: str, path: str, build: Callable[[], Any], *extra) -> Any:
         key = (kind, file_stamp(path)) + tuple(str(e) for e in extra)
@@ -43,6 +45,19 @@ class ModelCache:
             self._models[key] = model
             return model
 
+    def remember(self, key: tuple, build: Callable[[], Any], size: int = 64) -> Any:
+        """A computed result (an image's encoding, say), kept for the next generations (LRU)."""
+        with self._lock:
+            if key in self._results:
+                self._results.move_to_end(key)
+                return self._results[key]
+            value = build()
+            self.computed += 1
+            self._results[key] = value
+            while len(self._results) > size:
+                self._results.popitem(last=False)
+            return value
+
     def loaded(self) -> List[str]:
         with self._lock:
             return [f"{k[0]}: {os.path.basename(k[1][0])}" for k in self._models]
@@ -50,6 +65,7 @@ class ModelCache:
     def clear(self) -> None:
         with self._lock:
             self._models.clear()
+            self._results.clear()
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

@@ -24,8 +24,9 @@ class Detected:
     base: str = "any"    # sd15 | sdxl | sd2 | any
     tokens: int = 0
     needs: str = ""      # adapters: clip_embeds | clip_hidden | face | face+clip_hidden
-    input_dim: int = 0   # adapters: width of the embedding the projection takes
+    input_dim: int = 0   # adapters: width of the CLIP embeds / hidden states (face: 512) they take
     detail: str = ""
+    hidden: int = 0      # image encoders: hidden width (their projection width is input_dim)
 
     @property
     def label(self) -> str:
@@ -68,7 +69,7 @@ def _adapter(proj: Dict[str, TensorInfo], ip: Dict[str, TensorInfo], name: str) 
     if "perceiver_resampler.proj_in.weight" in proj:
         variant = "faceid_plusv2" if "v2" in lower else "faceid_plus"
         return Detected("adapter", variant, base, proj["proj.2.weight"].shape[0] // ctx,
-                        "face+clip_hidden", 512)
+                        "face+clip_hidden", proj["perceiver_resampler.proj_in.weight"].shape[1])
     if "proj.2.weight" in proj and "norm.weight" in proj:
         tokens = proj["proj.2.weight"].shape[0] // ctx
         if lora:
@@ -114,12 +115,12 @@ def classify(infos: Optional[Dict[str, TensorInfo]], name: str) -> Detected:
                        if k.endswith(("attn2_to_k.lora_down.weight", "attn2_k_proj.lora_down.weight"))), None)
         base = CONTEXT_BASE.get(k_down.shape[1], "unknown") if k_down else "unknown"
         return Detected("faceid_lora", "lora", base)
-    hidden = infos.get("vision_model.post_layernorm.weight")
-    if hidden is not None:
-        width = hidden.shape[0]
-        variant = {1280: "ViT-H-14", 1664: "ViT-bigG-14", 1024: "ViT-L-14"}.get(width, f"ViT ({width})")
-        proj_info = infos.get("visual_projection.weight")
-        return Detected("clip_vision", variant, "any", input_dim=proj_info.shape[0] if proj_info else 0)
+    if "vision_model.post_layernorm.weight" in infos:
+        from .clip_vision import describe_encoder
+        desc = describe_encoder(infos)
+        if desc is not None:
+            return Detected("clip_vision", desc.name, "any", input_dim=desc.projection, hidden=desc.hidden,
+                            detail=f"{desc.layers} layers")
     return Detected("unknown", detail="not an adapter, ControlNet, LoRA or image encoder file")
 
 

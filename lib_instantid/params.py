@@ -23,7 +23,7 @@ from .errors import InputError
 @dataclass
 class Field:
     name: str
-    kind: str            # bool | float | str | image | images | face
+    kind: str            # bool | float | str | choice | image | images | face
     default: Any
     doc: str
     lo: Optional[float] = None
@@ -49,7 +49,31 @@ UNIT_FIELDS: List[Field] = [
                                      "leftmost)."),
     Field("hires_adapter", "bool", True, "Use the adapter in the hires-fix second pass too."),
     Field("hires_identitynet", "bool", True, "Use IdentityNet in the hires-fix second pass too."),
+    Field("encoder", "str", "", "CLIP image encoder file for IP-Adapter models; empty = the one that fits the "
+                                 "adapter."),
+    Field("variant", "choice", "", "Override what the file name suggests where the weights cannot tell: "
+                                   "light, plus_face, faceid_plusv2, faceid_portrait_unnorm..."),
+    Field("weight_type", "choice", "linear", "How the weight is spread over the UNet's layers (linear, ease in, "
+                                             "style transfer, composition...)."),
+    Field("composition_weight", "float", 1.0, "Weight of the composition layers for the 'style and "
+                                              "composition' weight types.", -1.0, 3.0),
+    Field("combine", "choice", "auto", "Several reference images: average their embeddings, or concat their "
+                                       "tokens (auto: concat for FaceID portrait, else average)."),
+    Field("negative_image", "image", None, "Optional image whose encoding replaces the empty uncond input "
+                                           "(CLIP-based adapters)."),
+    Field("mask", "image", None, "Optional attention mask: white = where the unit acts."),
+    Field("lora_strength", "float", 1.0, "Strength of the LoRA inside FaceID files (applied automatically).",
+          0.0, 2.0),
+    Field("s_scale", "float", 1.0, "FaceID-Plus v2 structure weight (s_scale).", 0.0, 3.0),
 ]
+CHOICES = {
+    "variant": ("", "base", "light", "plus", "plus_face", "full_face", "faceid", "faceid_plus", "faceid_plusv2",
+                "faceid_portrait", "faceid_portrait_unnorm", "instantid"),
+    "weight_type": ("linear", "ease in", "ease out", "ease in-out", "reverse in-out", "weak input",
+                    "weak middle", "weak output", "strong middle", "style transfer", "composition",
+                    "strong style transfer", "style and composition", "strong style and composition"),
+    "combine": ("auto", "average", "concat"),
+}
 FIELDS_BY_NAME = {f.name: f for f in UNIT_FIELDS}
 UI_ORDER = [f.name for f in UNIT_FIELDS]     # the UI returns: panel enabled, then these per unit
 
@@ -71,6 +95,15 @@ class UnitParams:
     face: str = "largest"
     hires_adapter: bool = True
     hires_identitynet: bool = True
+    encoder: str = ""
+    variant: str = ""
+    weight_type: str = "linear"
+    composition_weight: float = 1.0
+    combine: str = "auto"
+    negative_image: Optional[np.ndarray] = None
+    mask: Optional[np.ndarray] = None
+    lora_strength: float = 1.0
+    s_scale: float = 1.0
 
     @property
     def all_images(self) -> List[np.ndarray]:
@@ -162,10 +195,20 @@ def convert(f: Field, value: Any, where: str) -> Any:
             raise InputError(f"Field '{name}' must be 0 or more, got {index}.")
         return str(index)
     if value is None:
-        return ""
+        return "" if f.kind == "str" else f.default
     if not isinstance(value, str):
         raise InputError(f"Field '{name}' must be a string, got {value!r}.")
-    return value.strip()
+    text = value.strip()
+    if f.default == "" and text.lower() == "auto":      # the UI shows an empty choice as "auto"
+        return ""
+    if f.kind == "choice":
+        text = text.lower() if f.name != "variant" else text.lower().replace("-", "_")
+        if text == "" and f.name != "variant":
+            return f.default
+        if text not in CHOICES[f.name]:
+            options = ", ".join(repr(c) for c in CHOICES[f.name] if c)
+            raise InputError(f"Field '{name}' must be one of {options}, got {value!r}.")
+    return text
 
 
 def _check_windows(unit: UnitParams, where: str) -> None:
@@ -190,7 +233,7 @@ def unit_from_values(values: Sequence[Any], where: str = "") -> UnitParams:
     return unit_from_dict(data, where)
 
 
-def parse_args(args: Sequence[Any], units_in_ui: int = 1) -> Request:
+def parse_args(args: Sequence[Any]) -> Request:
     """Script args (UI positional list, or an API list whose first item is a dict) -> Request."""
     args = list(args)
     if args and isinstance(args[0], dict):
@@ -219,8 +262,8 @@ def parse_args(args: Sequence[Any], units_in_ui: int = 1) -> Request:
     if not enabled:
         return Request(False, [])
     n = len(UI_ORDER)
-    units = [unit_from_values(args[1 + i * n: 1 + (i + 1) * n], f"units[{i}].") for i in range(units_in_ui)
-             if len(args) >= 1 + (i + 1) * n]
+    count = (len(args) - 1) // n                     # the panel's units, each in UI_ORDER
+    units = [unit_from_values(args[1 + i * n: 1 + (i + 1) * n], f"units[{i}].") for i in range(count)]
     return Request(bool(enabled), units)
 
 
@@ -231,6 +274,8 @@ def describe_fields() -> List[Dict[str, Any]]:
         item = {"name": f.name, "type": f.kind, "default": f.default, "doc": f.doc}
         if f.lo is not None:
             item["min"], item["max"] = f.lo, f.hi
+        if f.name in CHOICES:
+            item["choices"] = [c for c in CHOICES[f.name] if c]
         out.append(item)
     return out
 

@@ -15,16 +15,21 @@ import numpy as np
 import torch
 
 from .adapters import LoadedAdapter, load_adapter
-from .errors import FaceAnalysisError, InstantIDError, ModelFileError
-from .face_analysis import FaceAnalyzer, average_embeddings, check_antelopev2
+from .errors import FaceAnalysisError, InputError, InstantIDError, ModelFileError
+from .face_analysis import FaceAnalyzer, check_pack
 from .identitynet import IdentityNet, infer_config
 from .infotext import format_unit, unit_key
-from .instantid import KpsHint, attention_unit, control_unit, face_tokens
+from .instantid import KpsHint, control_unit
+from .ip_attention import AttentionUnit
+from .lora import LoraPatch
+from .references import ClipEncoding, build_references, pick_encoder
 from .model_cache import CACHE, ModelCache
 from .model_files import BASE_LABEL, ModelEntry, scan, weights_path
 from .params import Request, UnitParams
 from .session import GenerationPatch, Schedule
-from .unet_layers import unet_family
+from .tokens import unit_tokens
+from .unet_layers import cross_attention_layers, unet_family
+from .weight_types import layer_weights
 from .weights import load_file
 
 
@@ -35,17 +40,19 @@ class Locations:
     adapter_dirs: List[str]
     controlnet_dirs: List[str]
     insightface_roots: List[str]
+    clip_vision_dirs: List[str] = field(default_factory=list)
 
 
 @dataclass
 class Prepared:
     attention: list = field(default_factory=list)     # [(AttentionUnit, Schedule)]
     control: list = field(default_factory=list)       # [(ControlUnit, Schedule)]
+    loras: list = field(default_factory=list)         # [LoraPatch]
     infotext: Dict[str, str] = field(default_factory=dict)
     kps_hints: List[KpsHint] = field(default_factory=list)
 
     def patch(self, unet: torch.nn.Module) -> GenerationPatch:
-        return GenerationPatch(unet, self.attention, self.control)
+        return GenerationPatch(unet, self.attention, self.control, self.loras)
 
 
 # -- listing -------------------------------------------------------------------------------------
@@ -54,7 +61,8 @@ def list_models(locations: Locations, cache: ModelCache = CACHE) -> Dict[str, Li
     adapters = [e for e in scan(locations.adapter_dirs, cache.detected) if e.detected.role == "adapter"]
     controlnets = [e for e in scan(locations.controlnet_dirs, cache.detected)
                    if e.detected.role == "controlnet" and e.detected.variant == "diffusers"]
-    return {"adapters": adapters, "identitynets": controlnets}
+    encoders = [e for e in scan(locations.clip_vision_dirs, cache.detected) if e.detected.role == "clip_vision"]
+    return {"adapters": adapters, "identitynets": controlnets, "encoders": encoders}
 
 
 def _pick(entries: Sequence[ModelEntry], wanted: str, what: str, hint: str, prefer=()) -> ModelEntry:
@@ -89,70 +97,96 @@ def load_identitynet(path: str, device, dtype) -> IdentityNet:
     return IdentityNet.from_state_dict(state, config, dtype=dtype, device=device)
 
 
-def face_analyzer(locations: Locations, device: str, cache: ModelCache = CACHE) -> FaceAnalyzer:
+def face_analyzer(locations: Locations, device: str, cache: ModelCache = CACHE,
+                  pack: str = "antelopev2") -> FaceAnalyzer:
     roots = [r for r in locations.insightface_roots if r]
     for root in roots:
-        if os.path.isdir(os.path.join(root, "models", "antelopev2")):
-            check_antelopev2(root)
-            return cache.get("face_analyzer", root, lambda: FaceAnalyzer(root, device), device)
-    check_antelopev2(roots[0])   # raises the message for the main location
-    raise FaceAnalysisError("antelopev2 was not found.")  # pragma: no cover
+        if os.path.isdir(os.path.join(root, "models", pack)):
+            check_pack(root, pack)
+            return cache.get("face_analyzer", os.path.join(root, "models", pack),
+                             lambda: FaceAnalyzer(root, device, pack=pack), device)
+    check_pack(roots[0], pack)   # raises the message for the main location
+    raise FaceAnalysisError(f"{pack} was not found.")  # pragma: no cover
 
 
 # -- one unit ------------------------------------------------------------------------------------
 
-def _faces(analyzer: FaceAnalyzer, unit: UnitParams, where: str):
+ADAPTER_HINT = ("Put the adapter file into models/instantid/ or models/ipadapter/ (or models/ControlNet/, where "
+                "sd-webui-controlnet keeps them).")
+IDENTITYNET_HINT = ("Put InstantX's ControlNetModel folder (config.json + diffusion_pytorch_model.safetensors) into "
+                    "models/instantid/, or control_instant_id_sdxl.safetensors into models/ControlNet/.")
+
+
+def _adapter_entry(unit: UnitParams, where: str, entries, base: str) -> ModelEntry:
+    adapters = entries["adapters"]
+    if unit.adapter:
+        entry = _pick(adapters, unit.adapter, "Adapter", ADAPTER_HINT)
+    else:
+        fitting = [e for e in adapters if e.detected.base == base]
+        entry = _pick(fitting or adapters, "", f"adapter for {BASE_LABEL.get(base, base)}", ADAPTER_HINT,
+                      prefer=("instant",))
+    if entry.detected.base != base:
+        adapter_base = BASE_LABEL.get(entry.detected.base, entry.detected.base)
+        if entry.detected.variant == "instantid":
+            raise InstantIDError(f"InstantID works only with SDXL checkpoints, but the loaded checkpoint is "
+                                 f"{BASE_LABEL.get(base, base)}. Load an SDXL checkpoint.")
+        raise InstantIDError(f"{where}: '{entry.name}' is an adapter for {adapter_base}, but the loaded checkpoint "
+                             f"is {BASE_LABEL.get(base, base)}. Load an {adapter_base} checkpoint or choose an "
+                             f"adapter made for {BASE_LABEL.get(base, base)}.")
+    return entry
+
+
+def _mask(image: Optional[np.ndarray]) -> Optional[torch.Tensor]:
+    if image is None:
+        return None
+    return torch.from_numpy(image.astype(np.float32).mean(axis=2) / 255.0)
+
+
+def _unit(unit: UnitParams, where: str, entries, locations: Locations, layers, base: str, device, dtype,
+          face_device: str, cache: ModelCache, out: Prepared) -> None:
+    entry = _adapter_entry(unit, where, entries, base)
+    adapter: LoadedAdapter = cache.get("adapter", entry.path,
+                                       lambda: load_adapter(entry.path, entry.name, unit.variant), unit.variant)
     images = unit.all_images
     if not images:
-        raise FaceAnalysisError(f"{where}: no face image was given; drop a photo of the face into the panel "
-                                "(API: field 'image').")
-    faces = []
-    for i, img in enumerate(images):
-        try:
-            faces.append(analyzer.analyze(img, unit.face))
-        except FaceAnalysisError as exc:
-            label = "the face image" if i == 0 else f"extra face image {i}"
-            raise FaceAnalysisError(f"{where}, {label}: {exc}") from None
-    return images, faces
+        raise InputError(f"{where}: no reference image was given; drop a photo into the panel "
+                         "(API: field 'image').")
+    variant = adapter.detected.variant
+    pack = "antelopev2" if variant == "instantid" else "buffalo_l"
+    encoder_entry = []
 
+    def clip():
+        if not encoder_entry:
+            encoder_entry.append(pick_encoder(entries["encoders"], adapter, unit.encoder, locations.clip_vision_dirs))
+        return ClipEncoding(encoder_entry[0], device, dtype, cache)
 
-def _instantid(unit: UnitParams, where: str, entries, locations, unet_base: str, device, dtype,
-               face_device: str, cache: ModelCache, out: Prepared) -> None:
-    hint_files = ("Put InstantX's ip-adapter.bin (or ip-adapter_instant_id_sdxl.bin) into models/instantid/ "
-                  "or models/ControlNet/.")
-    entry = _pick([e for e in entries["adapters"] if e.detected.variant == "instantid"] or entries["adapters"],
-                  unit.adapter, "InstantID adapter", hint_files, prefer=("instant",))
-    if entry.detected.variant != "instantid":
-        raise ModelFileError(f"{where}: '{entry.name}' is an IP-Adapter ({entry.detected.label}), not the "
-                             "InstantID adapter. " + hint_files)
-    if unet_base != "sdxl":
-        raise InstantIDError(f"InstantID works only with SDXL checkpoints, but the loaded checkpoint is "
-                             f"{BASE_LABEL.get(unet_base, unet_base)}. Load an SDXL checkpoint.")
-    cn_entry = _pick([e for e in entries["identitynets"] if e.detected.base == "sdxl"], unit.identitynet,
-                     "IdentityNet (InstantID ControlNet)",
-                     "Put InstantX's ControlNetModel folder (config.json + diffusion_pytorch_model.safetensors) "
-                     "into models/instantid/, or control_instant_id_sdxl.safetensors into models/ControlNet/.",
-                     prefer=("instant", "identity"))
-    adapter: LoadedAdapter = cache.get("adapter", entry.path, lambda: load_adapter(entry.path, entry.name))
-    net = cache.get("identitynet", cn_entry.path, lambda: load_identitynet(cn_entry.path, device, dtype),
-                    device, dtype)
-    analyzer = face_analyzer(locations, face_device, cache)
-    images, faces = _faces(analyzer, unit, where)
-    embedding = average_embeddings(faces)
-    if unit.pose_image is not None:
-        pose_face = analyzer.analyze(unit.pose_image, "largest")
-        kps_src, kps = unit.pose_image, pose_face.kps
-    else:
-        kps_src, kps = images[0], faces[0].kps
-    hint = KpsHint(kps, (kps_src.shape[1], kps_src.shape[0]))
-    tokens = face_tokens(adapter, embedding)
-    out.attention.append((attention_unit(where, adapter, tokens),
-                          Schedule(unit.weight, unit.start, unit.end, unit.hires_adapter)))
-    out.control.append((control_unit(where, net, tokens, hint),
-                        Schedule(unit.identitynet_strength, unit.identitynet_start, unit.identitynet_end,
-                                 unit.hires_identitynet)))
-    out.kps_hints.append(hint)
-    out.infotext[where] = format_unit(unit, entry.name, cn_entry.name, len(images))
+    analyzer = lambda: face_analyzer(locations, face_device, cache, pack)  # noqa: E731
+    refs = build_references(adapter, images, unit.negative_image, unit.face, where, clip, analyzer)
+    tokens = unit_tokens(adapter, refs, unit.combine, unit.s_scale)
+    scales = layer_weights(layers, unit.weight_type, unit.weight, unit.composition_weight)
+    attention = AttentionUnit(where, tokens, adapter.ip, layer_scales=scales, mask=_mask(unit.mask))
+    out.attention.append((attention, Schedule(1.0, unit.start, unit.end, unit.hires_adapter)))
+    if adapter.lora and unit.lora_strength:
+        out.loras.append(LoraPatch(layers, adapter.lora, unit.lora_strength, name=entry.name))
+    extra = {"encoder": encoder_entry[0].name if encoder_entry else "", "variant": variant}
+    identitynet = ""
+    if variant == "instantid":
+        cn_entry = _pick([e for e in entries["identitynets"] if e.detected.base == "sdxl"], unit.identitynet,
+                         "IdentityNet (InstantID ControlNet)", IDENTITYNET_HINT, prefer=("instant", "identity"))
+        net = cache.get("identitynet", cn_entry.path, lambda: load_identitynet(cn_entry.path, device, dtype),
+                        device, dtype)
+        face_an = analyzer()
+        if unit.pose_image is not None:
+            kps_src, kps = unit.pose_image, face_an.analyze(unit.pose_image, "largest").kps
+        else:
+            kps_src, kps = images[0], face_an.analyze(images[0], unit.face).kps
+        hint = KpsHint(kps, (kps_src.shape[1], kps_src.shape[0]))
+        out.control.append((control_unit(where, net, tokens, hint),
+                            Schedule(unit.identitynet_strength, unit.identitynet_start, unit.identitynet_end,
+                                     unit.hires_identitynet)))
+        out.kps_hints.append(hint)
+        identitynet = cn_entry.name
+    out.infotext[where] = format_unit(unit, entry.name, identitynet, len(images), **extra)
 
 
 def prepare(request: Request, locations: Locations, unet: torch.nn.Module, *, device, dtype,
@@ -163,11 +197,36 @@ def prepare(request: Request, locations: Locations, unet: torch.nn.Module, *, de
     if not units:
         return out
     base = unet_family(unet).name
+    layers = cross_attention_layers(unet)
     entries = list_models(locations, cache)
     for i, unit in enumerate(units):
-        where = unit_key(i, len(units))
-        _instantid(unit, where, entries, locations, base, device, dtype, face_device, cache, out)
+        _unit(unit, unit_key(i, len(units)), entries, locations, layers, base, device, dtype, face_device,
+              cache, out)
     return out
+
+
+NEEDS_TEXT = {"clip_embeds": "CLIP image embeds", "clip_hidden": "CLIP hidden states",
+              "face": "a face embedding", "face+clip_hidden": "a face embedding and CLIP hidden states of the face"}
+
+
+def describe_entry(entry: ModelEntry, encoders: Sequence[ModelEntry]) -> str:
+    """One line for the UI: what a model file was detected as and what it needs."""
+    d = entry.detected
+    parts = [f"**{entry.name}**: {d.variant}", BASE_LABEL.get(d.base, d.base), f"{d.tokens} tokens",
+             NEEDS_TEXT.get(d.needs, d.needs)]
+    if d.variant == "instantid":
+        parts.append("antelopev2 faces + IdentityNet")
+    elif d.needs.startswith("face"):
+        parts.append("buffalo_l faces" + (" + the LoRA inside the file" if d.variant in
+                                          ("faceid", "faceid_plus", "faceid_plusv2") else ""))
+    if "clip" in d.needs:
+        from .clip_vision import EncoderDesc, encoder_fits
+        kind = d.needs.replace("face+", "")
+        fit = [e.name for e in encoders
+               if encoder_fits(EncoderDesc(e.detected.variant, e.detected.hidden, e.detected.input_dim, 0),
+                               kind, d.input_dim)]
+        parts.append(f"encoder: {fit[0]}" if fit else "encoder: none found (see the message when generating)")
+    return " · ".join(parts)
 
 
 def preview(image: np.ndarray, locations: Locations, face_device: str = "cpu", mode="largest",
@@ -211,8 +270,10 @@ def default_locations(models_path: str, extra_controlnet_dirs: Sequence[str] = (
     controlnet = os.path.join(models_path, "ControlNet")
     extra = [d for d in extra_controlnet_dirs if d]
     roots = [os.path.join(models_path, "insightface")]
+    clip_dirs = [os.path.join(models_path, "clip_vision")]
     if annotator_dir:
         roots.append(os.path.join(annotator_dir, "insightface"))
+        clip_dirs.append(os.path.join(annotator_dir, "clip_vision"))
     return Locations(adapter_dirs=[ours, ipadapter, controlnet, *extra],
                      controlnet_dirs=[ours, controlnet, *extra],
-                     insightface_roots=roots)
+                     insightface_roots=roots, clip_vision_dirs=clip_dirs)

@@ -62,10 +62,12 @@ def _check_attention_unit(unit: AttentionUnit, layers: Sequence[CrossAttnLayer])
 class GenerationPatch:
     def __init__(self, unet: torch.nn.Module,
                  attention: Sequence[Tuple[AttentionUnit, Schedule]] = (),
-                 control: Sequence[Tuple[ControlUnit, Schedule]] = ()) -> None:
+                 control: Sequence[Tuple[ControlUnit, Schedule]] = (),
+                 loras: Sequence = ()) -> None:
         self.unet = unet
         self.attention = list(attention)
         self.control = list(control)
+        self.loras = list(loras)      # FaceID LoRAs (lora.LoraPatch): every step, every row
         self.state = CallState()
         self.rows = RowLabeler()
         self.hooks = HookSet()
@@ -87,6 +89,8 @@ class GenerationPatch:
         unet_family(self.unet)  # raises a readable error for a UNet without cross-attention
         for unit, _ in self.attention:
             _check_attention_unit(unit, self.layers)
+        for lora in self.loras:
+            lora.validate()
         n_inputs = len(input_output_blocks(self.unet)[0]) if self.control else 0
         ref = self.layers[0].module.to_k.weight
         dtype = ref.dtype if ref.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
@@ -97,6 +101,8 @@ class GenerationPatch:
                 self._check_control_unit(unit, n_inputs)
             self.state.unit_scales = [0.0] * len(self.attention)
             self.state.control_scales = [0.0] * len(self.control)
+            for lora in self.loras:       # first: the IP hooks must see the LoRA-modified query
+                lora.install(self.hooks)
             if self.attention:
                 IPAttentionPatch(self.layers, [u for u, _ in self.attention], self.state).install(self.hooks)
             if self.control:

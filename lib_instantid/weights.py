@@ -37,7 +37,7 @@ def _refused(path: str, exc: BaseException) -> ModelFileError:
         f"or use its .safetensors version. (Detail: {str(exc).splitlines()[0][:200]})")
 
 
-def _unreadable(path: str, exc: BaseException) -> ModelFileError:
+def unreadable_error(path: str, exc: BaseException) -> ModelFileError:
     return ModelFileError(f"Could not read '{path}': {str(exc).splitlines()[0][:200]}. The file may be "
                           "incomplete or damaged; download it again.")
 
@@ -50,7 +50,13 @@ def _load_pickle(path: str, map_location, mmap: bool):
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
         if mmap and "mmap" in str(exc):
             return None  # legacy (pre-zip) format: cannot be mapped
-        raise _unreadable(path, exc) from None
+        raise unreadable_error(path, exc) from None
+
+
+def load_pickle_mapped(path: str):
+    """A pickle's content with its tensors memory-mapped (not read until used); None for the legacy
+    (pre-zip) format, which cannot be mapped."""
+    return _load_pickle(path, "cpu", mmap=True)
 
 
 def load_file(path: str, device: str = "cpu") -> dict:
@@ -62,7 +68,7 @@ def load_file(path: str, device: str = "cpu") -> dict:
         try:
             return st_load(path, device=device)
         except Exception as exc:  # safetensors raises its own SafetensorError
-            raise _unreadable(path, exc) from None
+            raise unreadable_error(path, exc) from None
     if not path.lower().endswith(PICKLE_EXTS):
         raise ModelFileError(f"'{os.path.basename(path)}' is not a .safetensors, .bin, .pt or .pth file.")
     data = _load_pickle(path, device, mmap=False)
@@ -97,7 +103,7 @@ def read_tensor_infos(path: str) -> Optional[Dict[str, TensorInfo]]:
                     infos[key] = TensorInfo(tuple(sl.get_shape()), _ST_DTYPES.get(sl.get_dtype(), torch.float32))
             return infos
         except Exception as exc:
-            raise _unreadable(path, exc) from None
+            raise unreadable_error(path, exc) from None
     if lower.endswith(PICKLE_EXTS):
         data = _load_pickle(path, "meta", mmap=True)
         if data is None:

@@ -14,11 +14,12 @@ import torch
 from modules import devices, paths_internal, script_callbacks, scripts, shared
 
 import lib_instantid  # noqa: F401  (import while the extension folder is on sys.path)
-from lib_instantid import api, infotext
+from lib_instantid import api, infotext, ui
 from lib_instantid import params as P
 from lib_instantid.errors import InstantIDError
 from lib_instantid.model_cache import CACHE
-from lib_instantid.pipeline import default_locations, list_models, prepare, preview, preview_picture
+from lib_instantid.pipeline import (default_locations, describe_entry, list_models, prepare, preview,
+                                    preview_picture)
 
 log = logging.getLogger("instantid")
 PATCH_ATTR = "_instantid_patch"
@@ -49,13 +50,53 @@ def compute_dtype():
 
 
 def model_choices():
+    """(adapters, identitynets, encoders) names for the dropdowns."""
     try:
         found = list_models(locations(), CACHE)
     except Exception as exc:  # a listing problem must never break the UI
         log.warning("InstantID: could not list models: %s", exc)
-        return [], []
-    adapters = [e.name for e in found["adapters"] if e.detected.variant == "instantid"]
-    return adapters, [e.name for e in found["identitynets"] if e.detected.base == "sdxl"]
+        return [], [], []
+    adapters = sorted((e for e in found["adapters"]), key=lambda e: (e.detected.variant != "instantid", e.name))
+    return ([e.name for e in adapters], [e.name for e in found["identitynets"] if e.detected.base == "sdxl"],
+            [e.name for e in found["encoders"]])
+
+
+def refresh_choices():
+    adapters, identitynets, encoders = model_choices()
+    return (gr.update(choices=adapters), gr.update(choices=identitynets), gr.update(choices=["auto"] + encoders))
+
+
+def describe_model(name):
+    """The detected variant of the chosen file, and what it needs."""
+    try:
+        found = list_models(locations(), CACHE)
+    except Exception:
+        return ""
+    entry = next((e for e in found["adapters"] if e.name == name), None)
+    return describe_entry(entry, found["encoders"]) if entry else ""
+
+
+def convert_output_dir():
+    return os.path.join(paths_internal.models_path, "ipadapter")
+
+
+def convert_templates():
+    from lib_instantid.convert_rules import template_names
+    return template_names()
+
+
+def run_converter(source, output, template, force):
+    """The converter section's button: the report as text (the file is written only if it validates)."""
+    try:
+        payload = {"input": source or "", "output": output or None, "force": bool(force),
+                   "template": None if template in (None, "", "auto") else template}
+        return api.convert_request(payload, convert_output_dir()).text()
+    except InstantIDError as exc:
+        return str(exc)
+
+
+def unit_count():
+    return max(1, min(int(getattr(shared.opts, "instantid_units", 3) or 3), 8))
 
 
 # -- per generation ------------------------------------------------------------------------------
@@ -140,16 +181,22 @@ def free_models():
     return "InstantID models were freed."
 
 
-def infotext_fields_for(enabled, components):
-    def getter(name):
+def infotext_fields_for(enabled, units):
+    """Paste-back: the i-th unit found in the infotext fills the i-th unit of the panel."""
+    def getter(i, name):
         def get(params):
-            units = infotext.units_in(params)
-            return units[0].get(name, gr.update()) if units else gr.update()
+            found = infotext.units_in(params)
+            if i < len(found):
+                return found[i].get(name, gr.update())
+            return False if name == "enabled" else gr.update()
         return get
 
     fields = [(enabled, lambda params: bool(infotext.units_in(params)))]
-    for name in infotext.SAVED:
-        fields.append((components[name], getter(name)))
+    for i, components in enumerate(units):
+        fields.append((components["enabled"], lambda params, i=i: i < len(infotext.units_in(params))))
+        for name in infotext.SAVED:
+            if name in components:
+                fields.append((components[name], getter(i, name)))
     return fields
 
 
@@ -164,55 +211,31 @@ class InstantIDScript(scripts.Script):
         return scripts.AlwaysVisible
 
     def ui(self, is_img2img):
-        from modules.ui_common import create_refresh_button
         from modules.ui_components import InputAccordion, ToolButton
 
-        eid = self.elem_id
-        adapters, identitynets = model_choices()
-        with InputAccordion(False, label="InstantID", elem_id=eid("enabled")) as enabled:
+        adapters, identitynets, encoders = model_choices()
+        units = []
+        with InputAccordion(False, label="InstantID", elem_id=self.elem_id("enabled")) as enabled:
+            with gr.Tabs():
+                for i in range(unit_count()):
+                    with gr.Tab(f"Unit {i + 1}"):
+                        units.append(ui.unit_ui(i, adapters, identitynets, encoders,
+                                                lambda name, i=i: self.elem_id(f"{name}" if i == 0 else f"u{i}_{name}")))
             with gr.Row():
-                image = gr.Image(label="Face photo", type="numpy", elem_id=eid("image"))
-                pose = gr.Image(label="Pose photo (optional)", type="numpy", elem_id=eid("pose"))
-                shown = gr.Image(label="Detected face and keypoints", interactive=False, elem_id=eid("preview"))
-            more = gr.File(label="More photos of the same person (optional; embeddings are averaged)",
-                           file_count="multiple", file_types=["image"], elem_id=eid("images"))
-            with gr.Row():
-                adapter = gr.Dropdown(adapters, value=adapters[0] if adapters else None,
-                                      label="InstantID adapter", elem_id=eid("adapter"))
-                identitynet = gr.Dropdown(identitynets, value=identitynets[0] if identitynets else None,
-                                          label="IdentityNet (ControlNet)", elem_id=eid("identitynet"))
-                create_refresh_button(adapter, lambda: None, lambda: {"choices": model_choices()[0]},
-                                      eid("refresh_adapter"))
-                create_refresh_button(identitynet, lambda: None, lambda: {"choices": model_choices()[1]},
-                                      eid("refresh_identitynet"))
-                free = ToolButton("\U0001f5d1\ufe0f", elem_id=eid("free"))
-            with gr.Row():
-                weight = gr.Slider(-1.0, 3.0, 0.8, step=0.05, label="Adapter weight", elem_id=eid("weight"))
-                start = gr.Slider(0.0, 1.0, 0.0, step=0.01, label="Adapter start", elem_id=eid("start"))
-                end = gr.Slider(0.0, 1.0, 1.0, step=0.01, label="Adapter end", elem_id=eid("end"))
-            with gr.Row():
-                strength = gr.Slider(0.0, 2.0, 0.8, step=0.05, label="IdentityNet strength",
-                                     elem_id=eid("identitynet_strength"))
-                cn_start = gr.Slider(0.0, 1.0, 0.0, step=0.01, label="IdentityNet start",
-                                     elem_id=eid("identitynet_start"))
-                cn_end = gr.Slider(0.0, 1.0, 1.0, step=0.01, label="IdentityNet end",
-                                   elem_id=eid("identitynet_end"))
-            with gr.Row():
-                face = gr.Dropdown(["largest"] + [str(i) for i in range(10)], value="largest",
-                                   label="Face (largest, or index from the left)", elem_id=eid("face"))
-                hires_adapter = gr.Checkbox(True, label="Adapter in hires pass", elem_id=eid("hires_adapter"))
-                hires_cn = gr.Checkbox(True, label="IdentityNet in hires pass", elem_id=eid("hires_identitynet"))
-                detect = gr.Button("Detect face", elem_id=eid("detect"))
-            message = gr.Markdown("", elem_id=eid("message"))
-            unit_enabled = gr.Checkbox(True, visible=False, elem_id=eid("unit_enabled"))
-        detect.click(preview_image, inputs=[image, pose, face], outputs=[shown, message])
+                message = gr.Markdown("", elem_id=self.elem_id("message"))
+                free = ToolButton("\U0001f5d1\ufe0f", elem_id=self.elem_id("free"))
+            tools = ui.converter_ui(convert_templates(), self.elem_id)
+        tools["run"].click(run_converter, inputs=[tools["input"], tools["output"], tools["template"], tools["force"]],
+                           outputs=[tools["report"]])
         free.click(free_models, inputs=[], outputs=[message])
-
-        unit = [unit_enabled, image, more, pose, adapter, identitynet, weight, start, end, strength,
-                cn_start, cn_end, face, hires_adapter, hires_cn]   # the order of params.UI_ORDER
-        self.infotext_fields = infotext_fields_for(enabled, dict(zip(P.UI_ORDER, unit)))
+        for c in units:
+            c["detect"].click(preview_image, inputs=[c["image"], c["pose_image"], c["face"]],
+                              outputs=[c["preview"], c["info"]])
+            c["adapter"].change(describe_model, inputs=[c["adapter"]], outputs=[c["info"]])
+            c["refresh"].click(refresh_choices, inputs=[], outputs=[c["adapter"], c["identitynet"], c["encoder"]])
+        self.infotext_fields = infotext_fields_for(enabled, units)
         self.paste_field_names = []
-        return [enabled] + unit
+        return [enabled] + [comp for c in units for comp in ui.positional(c)]
 
     def process(self, p, *args):
         setattr(p, PATCH_ATTR, None)
@@ -242,10 +265,13 @@ def on_ui_settings():
         True, "Keep InstantID models in memory between generations", section=section))
     shared.opts.add_option("instantid_extra_path", shared.OptionInfo(
         "", "Extra folder to search for InstantID / IP-Adapter files", section=section))
+    shared.opts.add_option("instantid_units", shared.OptionInfo(
+        3, "Number of units in the panel", gr.Slider, {"minimum": 1, "maximum": 8, "step": 1}, section=section)
+        .needs_reload_ui())
 
 
 def on_app_started(demo, app):
-    api.register(app, locations, face_device, CACHE)
+    api.register(app, locations, face_device, CACHE, convert_output_dir)
 
 
 def on_before_ui():

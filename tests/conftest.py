@@ -88,17 +88,55 @@ def write_identitynet(folder, seed=0):
 
 
 @pytest.fixture(scope="session")
-def models_path(tmp_path_factory, sdxl_unet):
-    """A webui ``models`` folder with the InstantID files and an antelopev2 pack."""
-    from face_pack import build_pack
+def sd15_unet():
+    from unets import sd15_like
+    return sd15_like()
 
-    from face_pack import ASTRONAUT_BOX, ASTRONAUT_KPS
+
+def processor_dims(unet):
+    """processor index -> inner dim (attn1 = 2k, attn2 = 2k+1) of a webui UNet."""
+    from lib_instantid.unet_layers import cross_attention_layers
+    dims = {}
+    for layer in cross_attention_layers(unet):
+        dims[layer.key - 1] = dims[layer.key] = layer.inner_dim
+    return dims
+
+
+def write_adapter_for(manifest, path, unet):
+    """A published adapter layout (image projection at its real size) shrunk to ``unet``'s layers."""
+    from model_factory import reduced_ip_adapter_shapes, write_model_file
+    write_model_file(manifest, path, shape_override=reduced_ip_adapter_shapes(processor_dims(unet)), seed=1)
+
+
+def write_small_clip_h(path, layers=2):
+    """The ViT-H-14 image encoder's layout and widths with only ``layers`` transformer layers."""
+    import re
+    from model_factory import write_model_file
+
+    def keep(key, shape):
+        m = re.search(r"encoder\.layers\.(\d+)\.", key)
+        return None if m and int(m.group(1)) >= layers else shape
+    write_model_file("clip_vit_h_image_encoder_model.safetensors", path, shape_override=keep)
+
+
+@pytest.fixture(scope="session")
+def models_path(tmp_path_factory, sdxl_unet, sd15_unet):
+    """A webui ``models`` folder: InstantID files, IP-Adapter / FaceID files, a CLIP ViT-H encoder,
+    and the antelopev2 and buffalo_l face packs."""
+    from face_pack import ASTRONAUT_BOX, ASTRONAUT_KPS, build_pack
 
     root = tmp_path_factory.mktemp("webui") / "models"
     write_instantid_adapter(str(root / "instantid" / "ip-adapter.bin"), sdxl_unet)
     write_identitynet(str(root / "instantid" / "ControlNetModel"))
-    build_pack(str(root / "insightface"), det="constant", faces=[(ASTRONAUT_BOX, ASTRONAUT_KPS, 0.98)],
-               image_size=(512, 512))
+    ipa = root / "ipadapter"
+    write_adapter_for("ip-adapter-plus_sd15.safetensors", ipa / "ip-adapter-plus_sd15.safetensors", sd15_unet)
+    write_adapter_for("ip-adapter-faceid_sd15.bin", ipa / "ip-adapter-faceid_sd15.bin", sd15_unet)
+    write_adapter_for("ip-adapter_sdxl_vit-h.safetensors", ipa / "ip-adapter_sdxl_vit-h.safetensors", sdxl_unet)
+    write_small_clip_h(root / "clip_vision" / "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors")
+    face = [(ASTRONAUT_BOX, ASTRONAUT_KPS, 0.98)]
+    build_pack(str(root / "insightface"), det="constant", faces=face, image_size=(512, 512))
+    build_pack(str(root / "insightface"), det="constant", faces=face, image_size=(512, 512), pack="buffalo_l",
+               recognizer_seed=7)
     return root
 
 

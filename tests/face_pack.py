@@ -25,6 +25,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 FILES = ("scrfd_10g_bnkps.onnx", "glintr100.onnx", "2d106det.onnx", "1k3d68.onnx", "genderage.onnx")
+PACK_FILES = {"antelopev2": FILES,
+              "buffalo_l": ("det_10g.onnx", "w600k_r50.onnx", "2d106det.onnx", "1k3d68.onnx", "genderage.onnx")}
 STRIDES = (8, 16, 32)
 # ArcFace 112x112 alignment template (public constants used by every ArcFace implementation).
 ARCFACE_TEMPLATE = np.array(
@@ -173,18 +175,20 @@ def _pooled_linear(path, in_hw, pool, out_dim, seed):
     g.save(path, inp, [(g.op("MatMul", pooled, g.const(weight)), ["None", out_dim])])
 
 
-def build_pack(root, det="marker", faces=(), image_size=(640, 640), max_cells=None, recognizer_seed=0):
-    """Write a fake antelopev2 pack under ``<root>/models/antelopev2/``; return that folder."""
-    folder = os.path.join(str(root), "models", "antelopev2")
+def build_pack(root, det="marker", faces=(), image_size=(640, 640), max_cells=None, recognizer_seed=0,
+               pack="antelopev2"):
+    """Write a fake pack (antelopev2 or buffalo_l) under ``<root>/models/<pack>/``; return that folder."""
+    names = PACK_FILES[pack]
+    folder = os.path.join(str(root), "models", pack)
     os.makedirs(folder, exist_ok=True)
-    det_path = os.path.join(folder, FILES[0])
+    det_path = os.path.join(folder, names[0])
     if det == "marker":
         _marker_detector(det_path, max_cells)
     elif det == "constant":
         _constant_detector(det_path, list(faces), image_size)
     else:
         raise ValueError("det must be 'marker' or 'constant'")
-    _pooled_linear(os.path.join(folder, "glintr100.onnx"), 112, 8, 512, recognizer_seed)
+    _pooled_linear(os.path.join(folder, names[1]), 112, 8, 512, recognizer_seed)
     _pooled_linear(os.path.join(folder, "2d106det.onnx"), 192, 64, 212, 1)
     _pooled_linear(os.path.join(folder, "1k3d68.onnx"), 192, 64, 3309, 2)
     _pooled_linear(os.path.join(folder, "genderage.onnx"), 96, 32, 3, 3)

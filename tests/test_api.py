@@ -36,8 +36,12 @@ def test_models_lists_files_with_their_detected_kind(client):
     r = client.get("/instantid/v1/models")
     assert r.status_code == 200 and r.headers["content-type"].startswith("application/json")
     body = r.json()
-    assert [(a["name"], a["variant"], a["base"]) for a in body["adapters"]] == [("ip-adapter.bin", "instantid", "sdxl")]
+    assert sorted((a["name"], a["variant"], a["base"]) for a in body["adapters"]) == [
+        ("ip-adapter-faceid_sd15.bin", "faceid", "sd15"), ("ip-adapter-plus_sd15.safetensors", "plus", "sd15"),
+        ("ip-adapter.bin", "instantid", "sdxl"), ("ip-adapter_sdxl_vit-h.safetensors", "base", "sdxl")]
     assert [c["name"] for c in body["identitynets"]] == ["ControlNetModel"]
+    assert [(e["name"], e["variant"]) for e in body["encoders"]] == [
+        ("CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors", "ViT (1280 wide, 2 layers)")]
     assert body["face_analysis"]["ok"] is True
     assert {f["name"] for f in body["fields"]} >= {"image", "weight", "identitynet_strength", "face"}
 
@@ -87,3 +91,28 @@ def test_unload_frees_the_cache(client, astronaut):
     client.post("/instantid/v1/detect", json={"image": b64(astronaut)})
     assert client.get("/instantid/v1/models").json()["loaded"]
     assert client.post("/instantid/v1/unload").json() == {"loaded": []}
+
+
+def test_convert_route_reports_and_writes_into_the_adapter_folder(tmp_path, models_path):
+    import torch
+    from model_factory import load_manifest, state_dict_from_manifest
+    sd = state_dict_from_manifest(load_manifest("ip-adapter_sd15.bin"))
+    training = {f"image_proj_model.{k}": v for k, v in sd["image_proj"].items()}
+    training.update({f"adapter_modules.{k}": v for k, v in sd["ip_adapter"].items()})
+    training["unet.conv_in.weight"] = torch.zeros(320, 4, 3, 3)
+    ckpt = tmp_path / "checkpoint-100"
+    ckpt.mkdir()
+    torch.save(training, str(ckpt / "pytorch_model.bin"))
+    out_dir = tmp_path / "ipadapter"
+    app = fastapi.FastAPI()
+    api.register(app, lambda: default_locations(str(models_path)), lambda: "cpu", ModelCache(), lambda: str(out_dir))
+    c = TestClient(app)
+    r = c.post("/instantid/v1/convert", json={"input": str(ckpt), "output": "mine.safetensors"})
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert report["ok"] is True and report["variant"] == "base" and report["written"].endswith("mine.safetensors")
+    assert (out_dir / "mine.safetensors").is_file()
+    r = c.post("/instantid/v1/convert", json={"input": str(ckpt), "output": "../escape.bin"})
+    assert r.status_code == 422 and "'output' must be a file name" in r.json()["detail"]
+    r = c.post("/instantid/v1/convert", json={"input": str(tmp_path / "nothing")})
+    assert r.status_code == 422

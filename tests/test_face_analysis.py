@@ -382,3 +382,17 @@ def test_kps_map_for_draws_at_fitted_points():
     assert img.shape == (600, 900, 3)
     x, y = fit_kps(kps, 300, 300, 900, 600)[2]
     assert tuple(img[int(y), int(x)]) == COLORS[2]
+
+
+@needs_insightface
+def test_buffalo_l_pack_for_faceid(tmp_path):
+    from lib_instantid.face_analysis import check_pack
+    build_pack(tmp_path, det="constant", faces=[(ASTRONAUT_BOX, ASTRONAUT_KPS, 0.98)], image_size=(512, 512),
+               pack="buffalo_l", recognizer_seed=5)
+    assert check_pack(str(tmp_path), "buffalo_l").endswith(os.path.join("models", "buffalo_l"))
+    with pytest.raises(FaceAnalysisError, match="antelopev2 face model folder .* does not exist"):
+        check_pack(str(tmp_path), "antelopev2")
+    from skimage import data
+    face = FaceAnalyzer(str(tmp_path), pack="buffalo_l").analyze(data.astronaut())
+    np.testing.assert_allclose(face.kps, ASTRONAUT_KPS, atol=1e-3)
+    assert face.embedding.shape == (512,)

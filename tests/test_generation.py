@@ -281,9 +281,9 @@ def test_cleanup_after_failure_inside_a_hooked_step(env, failure):
 def test_errors_reach_the_user_with_a_clear_message(env, models_path):
     from lib_instantid.errors import InstantIDError
     blank = b64(np.zeros((64, 64, 3), np.uint8))
-    with pytest.raises(InstantIDError, match="adapter 'missing.bin' was not found"):
+    with pytest.raises(InstantIDError, match="Adapter 'missing.bin' was not found. Available: ip-adapter.bin"):
         run(env, args={"enabled": True, "image": blank, "adapter": "missing.bin"})
-    with pytest.raises(InstantIDError, match="no face image was given"):
+    with pytest.raises(InstantIDError, match="no reference image was given"):
         run(env, args={"enabled": True})
     with pytest.raises(InstantIDError, match="Field 'weight' must be a number"):
         run(env, args={"enabled": True, "image": env["face"], "weight": "heavy"})

@@ -98,3 +98,17 @@ def test_detect_button_shows_boxes_and_keypoints(webui, script_module, astronaut
     _, message = script_module.preview_image(astronaut, None, "3")
     assert message.startswith("Face number 3 was requested but the reference image has 1 face(s)")
     assert script_module.free_models() == "InstantID models were freed."
+
+
+def test_converter_section(webui, script_module, tmp_path, models_path):
+    from model_factory import load_manifest, state_dict_from_manifest
+    message = script_module.run_converter(str(tmp_path / "missing"), "x.bin", "auto", False)
+    assert "missing" in message and ("not" in message or "no " in message)
+    sd = state_dict_from_manifest(load_manifest("ip-adapter_sd15.bin"))
+    training = {f"image_proj_model.{k}": v for k, v in sd["image_proj"].items()}
+    training.update({f"adapter_modules.{k}": v for k, v in sd["ip_adapter"].items()})
+    torch.save(training, str(tmp_path / "pytorch_model.bin"))
+    text = script_module.run_converter(str(tmp_path / "pytorch_model.bin"), "trained.bin", "auto", False)
+    written = models_path / "ipadapter" / "trained.bin"
+    assert written.is_file() and str(written) in text
+    written.unlink()
