@@ -90,13 +90,13 @@ class CallState:
 
 
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, N, H, D] (a transposed view, not copied) of the attention of q [B,N,C] over k, v [B|1,T,C]."""
     b, n, c = q.shape
     d = c // heads
     q = q.view(b, n, heads, d).transpose(1, 2)
-    k = k.view(b, -1, heads, d).transpose(1, 2)
-    v = v.view(b, -1, heads, d).transpose(1, 2)
-    out = F.scaled_dot_product_attention(q, k, v)
-    return out.transpose(1, 2).reshape(b, n, c)
+    k = k.view(k.shape[0], -1, heads, d).transpose(1, 2).expand(b, -1, -1, -1)
+    v = v.view(v.shape[0], -1, heads, d).transpose(1, 2).expand(b, -1, -1, -1)
+    return F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
 
 
 def _mask_for(mask: torch.Tensor, tokens: int, latent_hw: Optional[Tuple[int, int]]) -> Optional[torch.Tensor]:
@@ -122,8 +122,13 @@ class IPAttentionPatch:
         self.units = list(units)
         self.state = state
 
-    def image_term(self, layer: CrossAttnLayer, q: torch.Tensor) -> Optional[torch.Tensor]:
-        total = None
+    def add_image_terms(self, layer: CrossAttnLayer, q: torch.Tensor, out: torch.Tensor) -> Optional[torch.Tensor]:
+        """``out`` (to_out[0]'s input) plus every active unit's image attention, or None if none acts.
+
+        Without autograd the terms are added in place: ``out`` is the attention result the webui's
+        forward has just made for to_out[0] and nothing else holds it.
+        """
+        target = None
         kinds = None
         for u, unit in enumerate(self.units):
             kv = unit.kv.get(layer.index)
@@ -132,19 +137,26 @@ class IPAttentionPatch:
                 continue
             if kinds is None:
                 kinds = self.state.kinds_for(q.shape[0], q.device)
+                single = bool((kinds == kinds[0]).all())
             k, v = kv
             if k.device != q.device or k.dtype != q.dtype:   # lowvram/medvram, fp8 weights: move once
                 k, v = k.to(q.device, q.dtype), v.to(q.device, q.dtype)
                 unit.kv[layer.index] = (k, v)
-            k = k.index_select(0, kinds)
-            v = v.index_select(0, kinds)
-            out = _attention(q, k, v, layer.module.heads)
+            if single:    # every row of the same kind: broadcast, no copy
+                k, v = k[int(kinds[0]):int(kinds[0]) + 1], v[int(kinds[0]):int(kinds[0]) + 1]
+            else:
+                k, v = k.index_select(0, kinds), v.index_select(0, kinds)
+            term = _attention(q, k, v, layer.module.heads)
             if unit.mask is not None:
                 m = _mask_for(unit.mask, q.shape[1], self.state.latent_hw)
                 if m is not None:
-                    out = out * m.to(out)
-            total = out * scale if total is None else total.add_(out, alpha=scale)
-        return total
+                    term = term * m.to(term)[..., None]
+            if target is None:
+                in_place = not torch.is_grad_enabled() and out.is_contiguous()
+                target = out if in_place else out.contiguous().clone()
+            b, n, c = target.shape
+            target.view(b, n, term.shape[2], term.shape[3]).add_(term.to(target.dtype), alpha=scale)
+        return target
 
     def install(self, hooks: HookSet) -> None:
         for layer in self.layers:
@@ -159,10 +171,8 @@ class IPAttentionPatch:
                 q, slot[0] = slot[0], None
                 if q is None or q.shape[:2] != args[0].shape[:2]:
                     return None
-                term = self.image_term(layer, q)
-                if term is None:
-                    return None
-                return (args[0] + term.to(args[0].dtype),) + tuple(args[1:])
+                out = self.add_image_terms(layer, q, args[0])
+                return None if out is None else (out,) + tuple(args[1:])
 
             hooks.post(layer.module.to_q, keep_q)
             hooks.pre(layer.module.to_out[0], add_image_term)

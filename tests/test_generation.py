@@ -307,7 +307,7 @@ def _run_sd15(env):
     c = MultiCond([[(0, 1.0)]], torch.randn(1, 77, 768))
     runner = env["runner"]
     args = list(runner.default_args())
-    args[env["script"].args_from] = {"enabled": True, "image": env["face"]}
+    args[env["script"].args_from] = {"enabled": True, "image": env["face"], "adapter": "ip-adapter.bin"}
     p = processing.StableDiffusionProcessingTxt2Img(c=c, uc=torch.randn(1, 77, 768), scripts=runner,
                                                     script_args=tuple(args))
     processing.process_images(p)

@@ -1,11 +1,12 @@
-"""Benchmark: what InstantID adds to a sampling step, and what face analysis costs.
+"""Benchmark: what a unit adds to a sampling step, and what face analysis and image encoding cost.
 
 Prints figures (it asserts nothing):
 - per-step time of the webui's UNet (the real ldm class in SDXL topology, random weights) plain,
-  with the decoupled IP attention, and with IP attention + IdentityNet; the ratio to plain and
-  IdentityNet's share of the step;
+  with an IP-Adapter unit (4 tokens), with InstantID's IP attention (16 tokens), and with InstantID's
+  IP attention + IdentityNet; the ratio to plain and IdentityNet's share of the step;
 - face analysis of one photo: first run (session creation + detection + recognition) and a
-  repeated generation with the same photo (served from the content cache).
+  repeated generation with the same photo (served from the content cache);
+- how often the CLIP image encoder runs for one reference over three generations.
 
     python tools/benchmark.py                      # reduced width, CPU (minutes on 2 cores)
     python tools/benchmark.py --full --device cuda --dtype fp16 --size 128   # full-size SDXL on a GPU
@@ -94,16 +95,21 @@ def step_figures(args):
         with torch.no_grad():
             model(x, t, context=ctx, y=y)
 
-    def patched(with_net):
+    ipa_tokens = tokens[:, :4].contiguous()     # an IP-Adapter unit (base / FaceID): 4 tokens
+
+    def patched(name):
+        if name == "ipadapter":
+            return GenerationPatch(unet, [(AttentionUnit("bench", ipa_tokens, weights), Schedule(0.8))])
         unit = AttentionUnit("bench", tokens, weights)
-        control = [(ControlUnit("bench", net, tokens, hint), Schedule(0.8))] if with_net else []
+        control = [(ControlUnit("bench", net, tokens, hint), Schedule(0.8))] if name == "instantid" else []
         return GenerationPatch(unet, [(unit, Schedule(0.8))], control)
 
-    # interleave the three configurations so that machine load affects them alike
-    times = {"plain": [], "ip": [], "full": []}
+    # interleave the configurations so that machine load affects them alike
+    times = {"plain": [], "ipadapter": [], "instantid_ip": [], "instantid": []}
+    names = list(times)
     for r in range(args.repeats + 1):
-        for name in times:
-            patch = None if name == "plain" else patched(name == "full")
+        for name in names[r % len(names):] + names[:r % len(names)]:     # rotate the order per round
+            patch = None if name == "plain" else patched(name)
             if patch is not None:
                 patch.install()
                 patch.begin_step(x, 1, 0, 10, model)
@@ -114,15 +120,74 @@ def step_figures(args):
                     patch.remove()
             if r:
                 times[name].append(elapsed)
-    # the fastest of the rounds: the least disturbed by other load on the machine
-    plain, ip, full = (min(times[k]) for k in ("plain", "ip", "full"))
-    print(f"UNet step, batch {b} (cond + uncond), latent {s}x{s}, {'full-size SDXL' if args.full else 'reduced width'},"
-          f" {args.device} {args.dtype}")
-    print(f"  plain UNet                 {plain * 1000:9.1f} ms")
+    # times: median over rounds; ratios: median of each round's ratio to that round's plain step
+    # (paired, so that slow phases of a loaded machine cancel out)
+    ratio = {k: statistics.median(t / p for t, p in zip(times[k], times["plain"])) for k in times}
+    med = {k: statistics.median(v) for k, v in times.items()}
     n = len(cross_attention_layers(unet))
-    print(f"  + IP attention ({n} layers)  {ip * 1000:8.1f} ms   x{ip / plain:.3f}  (+{(ip / plain - 1) * 100:.1f} %)")
-    print(f"  + IP + IdentityNet         {full * 1000:9.1f} ms   x{full / plain:.3f}  "
-          f"(IdentityNet {((full - ip) / full) * 100:.1f} % of the step)")
+    print(f"UNet step, batch {b} (cond + uncond), latent {s}x{s}, {'full-size SDXL' if args.full else 'reduced width'},"
+          f" {n} cross-attention layers, {args.device} {args.dtype}, {args.repeats} rounds")
+    print(f"  plain UNet                          {med['plain'] * 1000:8.1f} ms")
+    for key, label in (("ipadapter", "+ IP-Adapter unit (4 tokens)"), ("instantid_ip", "+ InstantID IP attention (16 tok.)")):
+        print(f"  {label:36s}{med[key] * 1000:8.1f} ms   x{ratio[key]:.3f}  ({(ratio[key] - 1) * 100:+.1f} %)")
+    for key, label in (("ipadapter", "IP-Adapter unit"), ("instantid_ip", "InstantID IP attention")):
+        inside = hook_time(patched(key), step, model, x)
+        print(f"  time inside the {label} hooks: {inside * 1000:.1f} ms per step = "
+              f"{inside / med['plain'] * 100:.2f} % of the plain step")
+    share = (ratio["instantid"] - ratio["instantid_ip"]) / ratio["instantid"]
+    print(f"  + InstantID IP + IdentityNet        {med['instantid'] * 1000:8.1f} ms   x{ratio['instantid']:.3f}  "
+          f"(IdentityNet {share * 100:.1f} % of the step)")
+
+
+def hook_time(patch, step, model, x, repeats=5):
+    """Seconds per step spent inside the IP attention hooks (measured around them, not by difference)."""
+    from lib_instantid import ip_attention
+    spent = [0.0]
+    original = ip_attention.IPAttentionPatch.add_image_terms
+
+    def timed(self, *args):
+        t0 = time.perf_counter()
+        try:
+            return original(self, *args)
+        finally:
+            spent[0] += time.perf_counter() - t0
+
+    ip_attention.IPAttentionPatch.add_image_terms = timed
+    try:
+        with patch:
+            patch.begin_step(x, 1, 0, 10, model)
+            step()
+            spent[0] = 0.0
+            for _ in range(repeats):
+                step()
+    finally:
+        ip_attention.IPAttentionPatch.add_image_terms = original
+    return spent[0] / repeats
+
+
+def encoder_figures():
+    """The CLIP image encoder runs once per reference image, not once per generation."""
+    from conftest import write_small_clip_h
+    from skimage import data
+    from lib_instantid.model_cache import ModelCache
+    from lib_instantid.model_files import ModelEntry, inspect
+    from lib_instantid.references import ClipEncoding
+
+    folder = tempfile.mkdtemp()
+    path = os.path.join(folder, "clip_h_2_layers.safetensors")
+    write_small_clip_h(path)
+    cache = ModelCache()
+    enc = ClipEncoding(ModelEntry("clip_h", path, inspect(path)), "cpu", torch.float32, cache)
+    image = data.astronaut()
+    times = []
+    for _ in range(3):                           # three generations with the same reference
+        t0 = time.perf_counter()
+        enc.encode(image, hidden=True)
+        enc.zero_image(hidden=True)
+        times.append(time.perf_counter() - t0)
+    print("CLIP image encoder (ViT-H-14 widths, 2 of 32 layers), one reference, three generations:")
+    print(f"  encoder runs: {cache.computed} (the reference + the zero image for uncond), times "
+          + ", ".join(f"{t * 1000:.1f} ms" for t in times))
 
 
 def face_figures():
@@ -152,15 +217,19 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"])
     ap.add_argument("--size", type=int, default=32, help="latent size (128 = 1024 px)")
-    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--no-face", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
     step_figures(args)
     if not args.no_face:
         face_figures()
+        encoder_figures()
 
 
 if __name__ == "__main__":
