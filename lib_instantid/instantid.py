@@ -1,9 +1,9 @@
-"""InstantID as one unit: face tokens for the decoupled attention and IdentityNet with its keypoints.
+"""InstantID's keypoint hint for IdentityNet, drawn at each pass's own resolution.
 
 As the official pipeline: the raw antelopev2 embedding (several photos averaged) goes through the
-adapter's Resampler; cond rows get those 16 tokens, uncond rows the Resampler's output for a zero
-embedding - in the UNet's image attention and as IdentityNet's context alike. IdentityNet's hint is
-the 5-point keypoint map, drawn at each pass's own resolution.
+adapter's Resampler (``tokens.unit_tokens``); cond rows get those 16 tokens, uncond rows the
+Resampler's output for a zero embedding - in the UNet's image attention and as IdentityNet's
+context alike. IdentityNet's hint is the 5-point keypoint map of the face.
 """
 
 from __future__ import annotations
@@ -13,19 +13,7 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
-from .adapters import LoadedAdapter
-from .ip_attention import AttentionUnit
 from .kps import draw_kps, fit_kps
-from .residuals import ControlUnit
-
-
-def face_tokens(adapter: LoadedAdapter, embedding: np.ndarray) -> torch.Tensor:
-    """[2, 16, C]: the projection of the face embedding (cond) and of zeros (uncond)."""
-    emb = torch.as_tensor(np.asarray(embedding, dtype=np.float32)).reshape(1, 1, -1)
-    param = next(adapter.proj.parameters())
-    x = torch.cat([emb, torch.zeros_like(emb)]).to(param.device, param.dtype)
-    with torch.no_grad():
-        return adapter.proj(x).float().cpu()
 
 
 class KpsHint:
@@ -49,11 +37,3 @@ class KpsHint:
             img = torch.from_numpy(self.image(width, height)).permute(2, 0, 1)[None].float() / 255.0
             self._cache[key] = img.to(device=device, dtype=dtype)
         return self._cache[key]
-
-
-def attention_unit(name: str, adapter: LoadedAdapter, tokens: torch.Tensor) -> AttentionUnit:
-    return AttentionUnit(name, tokens, adapter.ip)
-
-
-def control_unit(name: str, net: torch.nn.Module, tokens: torch.Tensor, hint: KpsHint) -> ControlUnit:
-    return ControlUnit(name, net, tokens, hint)

@@ -19,10 +19,11 @@ from .errors import FaceAnalysisError, InputError, InstantIDError, ModelFileErro
 from .face_analysis import FaceAnalyzer, check_pack
 from .identitynet import IdentityNet, infer_config
 from .infotext import format_unit, unit_key
-from .instantid import KpsHint, control_unit
+from .instantid import KpsHint
 from .ip_attention import AttentionUnit
 from .lora import LoraPatch
 from .references import ClipEncoding, build_references, pick_encoder
+from .residuals import ControlUnit
 from .model_cache import CACHE, ModelCache
 from .model_files import BASE_LABEL, ModelEntry, scan, weights_path
 from .params import Request, UnitParams
@@ -181,7 +182,7 @@ def _unit(unit: UnitParams, where: str, entries, locations: Locations, layers, b
         else:
             kps_src, kps = images[0], face_an.analyze(images[0], unit.face).kps
         hint = KpsHint(kps, (kps_src.shape[1], kps_src.shape[0]))
-        out.control.append((control_unit(where, net, tokens, hint),
+        out.control.append((ControlUnit(where, net, tokens, hint),
                             Schedule(unit.identitynet_strength, unit.identitynet_start, unit.identitynet_end,
                                      unit.hires_identitynet)))
         out.kps_hints.append(hint)

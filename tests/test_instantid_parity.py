@@ -15,7 +15,10 @@ import torch
 
 from lib_instantid.adapters import load_adapter
 from lib_instantid.identitynet import INSTANTID_CONFIG, IdentityNet
-from lib_instantid.instantid import KpsHint, attention_unit, control_unit, face_tokens
+from lib_instantid.instantid import KpsHint
+from lib_instantid.ip_attention import AttentionUnit
+from lib_instantid.residuals import ControlUnit
+from lib_instantid.tokens import References, unit_tokens
 from lib_instantid.session import GenerationPatch, Schedule
 
 from conftest import SMALL_IDENTITYNET
@@ -63,12 +66,17 @@ def models(tmp_path_factory):
     return dict(ldm=ldm, twin=twin, adapter=adapter, cn=cn, net=net, emb=emb)
 
 
+def face_tokens(models):
+    """Our tokens for the (raw) face embedding: the product's own path (unit_tokens)."""
+    return unit_tokens(models["adapter"], References(faces=models["emb"][None]))
+
+
 def diffusers_tokens(twin, emb_rows):
     return twin.encoder_hid_proj([emb_rows[:, None, None, :]])[0][:, 0]
 
 
 def test_resampler_tokens_match_diffusers(models):
-    ours = face_tokens(models["adapter"], models["emb"].numpy())
+    ours = face_tokens(models)
     with torch.no_grad():
         ref = diffusers_tokens(models["twin"], torch.stack([models["emb"], torch.zeros(512)]))
     assert ours.shape == (2, 16, 2048)
@@ -90,10 +98,10 @@ def _reference_rows(models, x, t, ctx, pooled, time_ids, kinds, hint):
 
 
 def _ours(models):
-    tokens = face_tokens(models["adapter"], models["emb"].numpy())
+    tokens = face_tokens(models)
     hint = KpsHint(KPS, (128, 128))
-    return GenerationPatch(models["ldm"], [(attention_unit("InstantID", models["adapter"], tokens), Schedule(IP_SCALE))],
-                           [(control_unit("InstantID", models["net"], tokens, hint), Schedule(CN_SCALE))]), hint
+    return GenerationPatch(models["ldm"], [(AttentionUnit("InstantID", tokens, models["adapter"].ip), Schedule(IP_SCALE))],
+                           [(ControlUnit("InstantID", models["net"], tokens, hint), Schedule(CN_SCALE))]), hint
 
 
 

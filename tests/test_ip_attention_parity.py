@@ -7,7 +7,7 @@ rows); we run the webui UNet with our hooks and per-row labels.
 
 import pytest
 import torch
-from torch import nn
+
 
 from lib_instantid.hooks import count_hooks
 from lib_instantid.ip_attention import AttentionUnit
