@@ -346,3 +346,28 @@ def test_module_does_not_import_transformers():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
     assert cv.CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
+
+
+def test_the_adapter_picks_its_encoder():
+    """Each adapter family gets the encoder it was trained with; a forced wrong one is refused."""
+    from lib_instantid.errors import ModelFileError
+    from lib_instantid.model_files import Detected, ModelEntry
+    from lib_instantid.references import pick_encoder
+
+    vit_h = ModelEntry("clip_h.pth", "/m/clip_h.pth", Detected("clip_vision", "ViT-H-14", input_dim=1024, hidden=1280))
+    big_g = ModelEntry("clip_g.safetensors", "/m/clip_g.safetensors",
+                       Detected("clip_vision", "ViT-bigG-14", input_dim=1280, hidden=1664))
+
+    class Adapter:
+        def __init__(self, needs, width):
+            self.name, self.detected = "adapter", Detected("adapter", "x", needs=needs, input_dim=width)
+
+    encoders = [big_g, vit_h]
+    assert pick_encoder(encoders, Adapter("clip_embeds", 1024), "", []) is vit_h       # sd15, sdxl_vit-h
+    assert pick_encoder(encoders, Adapter("clip_embeds", 1280), "", []) is big_g       # sdxl, sd15_vit-G
+    assert pick_encoder(encoders, Adapter("clip_hidden", 1280), "", []) is vit_h       # plus, full-face
+    assert pick_encoder(encoders, Adapter("face+clip_hidden", 1280), "", []) is vit_h  # FaceID-Plus
+    with pytest.raises(ModelFileError, match="needs the CLIP ViT-H-14 image encoder.*ViT-bigG-14"):
+        pick_encoder(encoders, Adapter("clip_hidden", 1280), "clip_g.safetensors", [])
+    with pytest.raises(ModelFileError, match="needs the CLIP ViT-bigG-14 image encoder"):
+        pick_encoder([vit_h], Adapter("clip_embeds", 1280), "", ["models/clip_vision"])

@@ -28,18 +28,23 @@ def b64(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-@pytest.fixture(scope="module")
-def env(webui, script_module, sdxl_unet, astronaut):
-    from modules import scripts, shared
-    from modules.sd_samplers import SDXLModel
-
-    shared.sd_model = SDXLModel(sdxl_unet, empty_prompt=torch.zeros(1, 77, 2048))
+def script_env(script_module, unet, astronaut):
+    """The script with its UI built (as the webui does at start), ready for process_images."""
+    from modules import scripts
     script = script_module.InstantIDScript()
     runner = scripts.ScriptRunner([script])
     with gr.Blocks():
         runner.setup_ui(is_img2img=False)
-    return {"runner": runner, "script": script, "module": script_module, "unet": sdxl_unet,
-            "face": b64(astronaut)}
+    return {"runner": runner, "script": script, "module": script_module, "unet": unet, "face": b64(astronaut)}
+
+
+@pytest.fixture(scope="module")
+def env(webui, script_module, sdxl_unet, astronaut):
+    from modules import shared
+    from modules.sd_samplers import SDXLModel
+
+    shared.sd_model = SDXLModel(sdxl_unet, empty_prompt=torch.zeros(1, 77, 2048))
+    return script_env(script_module, sdxl_unet, astronaut)
 
 
 class Recorder:

@@ -13,7 +13,7 @@ import torch
 from lib_instantid.hooks import count_hooks
 from lib_instantid.model_cache import CACHE
 
-from test_generation import Recorder, b64, record_truth
+from test_generation import Recorder, b64, record_truth, script_env
 
 gr = pytest.importorskip("gradio")
 pytest.importorskip("insightface")
@@ -21,12 +21,7 @@ pytest.importorskip("insightface")
 
 @pytest.fixture(scope="module")
 def sd15(webui, script_module, sd15_unet, astronaut):
-    from modules import scripts
-    script = script_module.InstantIDScript()
-    runner = scripts.ScriptRunner([script])
-    with gr.Blocks():
-        runner.setup_ui(is_img2img=False)
-    return {"runner": runner, "script": script, "unet": sd15_unet, "face": b64(astronaut)}
+    return script_env(script_module, sd15_unet, astronaut)
 
 
 def generate(env, unit_args, *, model="sd15", seed=4, batch_off=False, cond_tokens=77, args=None):
@@ -156,9 +151,4 @@ def test_instantid_and_an_ip_adapter_together_on_sdxl(env_sdxl):
 
 @pytest.fixture(scope="module")
 def env_sdxl(webui, script_module, sdxl_unet, astronaut):
-    from modules import scripts
-    script = script_module.InstantIDScript()
-    runner = scripts.ScriptRunner([script])
-    with gr.Blocks():
-        runner.setup_ui(is_img2img=False)
-    return {"runner": runner, "script": script, "unet": sdxl_unet, "face": b64(astronaut)}
+    return script_env(script_module, sdxl_unet, astronaut)
