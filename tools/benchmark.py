@@ -130,20 +130,22 @@ def step_figures(args):
     print(f"  plain UNet                          {med['plain'] * 1000:8.1f} ms")
     for key, label in (("ipadapter", "+ IP-Adapter unit (4 tokens)"), ("instantid_ip", "+ InstantID IP attention (16 tok.)")):
         print(f"  {label:36s}{med[key] * 1000:8.1f} ms   x{ratio[key]:.3f}  ({(ratio[key] - 1) * 100:+.1f} %)")
+    print(f"  + InstantID IP + IdentityNet        {med['instantid'] * 1000:8.1f} ms   x{ratio['instantid']:.3f}")
+    print("  measured inside the hooks (not by difference, so other load on the machine does not enter):")
     for key, label in (("ipadapter", "IP-Adapter unit"), ("instantid_ip", "InstantID IP attention")):
         inside = hook_time(patched(key), step, model, x)
-        print(f"  time inside the {label} hooks: {inside * 1000:.1f} ms per step = "
-              f"{inside / med['plain'] * 100:.2f} % of the plain step")
-    share = (ratio["instantid"] - ratio["instantid_ip"]) / ratio["instantid"]
-    print(f"  + InstantID IP + IdentityNet        {med['instantid'] * 1000:8.1f} ms   x{ratio['instantid']:.3f}  "
-          f"(IdentityNet {share * 100:.1f} % of the step)")
+        print(f"    {label} hooks: {inside * 1000:.1f} ms per step = {inside / med['plain'] * 100:.2f} % of the plain step")
+    inside = hook_time(patched("instantid"), step, model, x, what="identitynet")
+    print(f"    IdentityNet: {inside * 1000:.1f} ms per step = {inside / med['plain'] * 100:.1f} % of the plain step")
 
 
-def hook_time(patch, step, model, x, repeats=5):
-    """Seconds per step spent inside the IP attention hooks (measured around them, not by difference)."""
-    from lib_instantid import ip_attention
+def hook_time(patch, step, model, x, repeats=5, what="attention"):
+    """Seconds per step spent inside the IP attention hooks or IdentityNet (timed around them)."""
+    from lib_instantid import ip_attention, residuals
     spent = [0.0]
-    original = ip_attention.IPAttentionPatch.add_image_terms
+    owner, attr = ((ip_attention.IPAttentionPatch, "add_image_terms") if what == "attention"
+                   else (residuals.ResidualPatch, "compute"))
+    original = getattr(owner, attr)
 
     def timed(self, *args):
         t0 = time.perf_counter()
@@ -152,7 +154,7 @@ def hook_time(patch, step, model, x, repeats=5):
         finally:
             spent[0] += time.perf_counter() - t0
 
-    ip_attention.IPAttentionPatch.add_image_terms = timed
+    setattr(owner, attr, timed)
     try:
         with patch:
             patch.begin_step(x, 1, 0, 10, model)
@@ -161,7 +163,7 @@ def hook_time(patch, step, model, x, repeats=5):
             for _ in range(repeats):
                 step()
     finally:
-        ip_attention.IPAttentionPatch.add_image_terms = original
+        setattr(owner, attr, original)
     return spent[0] / repeats
 
 
