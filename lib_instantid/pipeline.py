@@ -210,6 +210,13 @@ NEEDS_TEXT = {"clip_embeds": "CLIP image embeds", "clip_hidden": "CLIP hidden st
               "face": "a face embedding", "face+clip_hidden": "a face embedding and CLIP hidden states of the face"}
 
 
+class _Needs:
+    """What pick_encoder reads of an adapter, from a listing entry (no loading)."""
+
+    def __init__(self, entry: ModelEntry) -> None:
+        self.name, self.detected = entry.name, entry.detected
+
+
 def describe_entry(entry: ModelEntry, encoders: Sequence[ModelEntry]) -> str:
     """One line for the UI: what a model file was detected as and what it needs."""
     d = entry.detected
@@ -221,12 +228,10 @@ def describe_entry(entry: ModelEntry, encoders: Sequence[ModelEntry]) -> str:
         parts.append("buffalo_l faces" + (" + the LoRA inside the file" if d.variant in
                                           ("faceid", "faceid_plus", "faceid_plusv2") else ""))
     if "clip" in d.needs:
-        from .clip_vision import EncoderDesc, encoder_fits
-        kind = d.needs.replace("face+", "")
-        fit = [e.name for e in encoders
-               if encoder_fits(EncoderDesc(e.detected.variant, e.detected.hidden, e.detected.input_dim, 0),
-                               kind, d.input_dim)]
-        parts.append(f"encoder: {fit[0]}" if fit else "encoder: none found (see the message when generating)")
+        try:
+            parts.append("encoder: " + pick_encoder(encoders, _Needs(entry), "", []).name)
+        except ModelFileError:
+            parts.append("encoder: none found (see the message when generating)")
     return " · ".join(parts)
 
 

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .adapters import LoadedAdapter
-from .clip_vision import encoder_fits, load_clip_vision, missing_encoder_message, mismatch_message, preprocess, zero_pixels
+from .clip_vision import (EncoderDesc, encoder_fits, load_clip_vision, missing_encoder_message, mismatch_message,
+                          preprocess, zero_pixels)
 from .errors import FaceAnalysisError, ModelFileError
 from .face_analysis import FaceAnalyzer, align_face_crop
 from .model_cache import ModelCache
@@ -27,30 +28,26 @@ def image_key(image: np.ndarray) -> str:
     return hashlib.blake2b(np.ascontiguousarray(image).tobytes(), digest_size=16).hexdigest() + str(image.shape)
 
 
+def _desc(entry: ModelEntry) -> EncoderDesc:
+    d = entry.detected
+    return EncoderDesc(d.variant, d.hidden, d.input_dim, 0)
+
+
 def pick_encoder(encoders: Sequence[ModelEntry], adapter: LoadedAdapter, wanted: str,
                  folders: Sequence[str]) -> ModelEntry:
     """The encoder the user named (checked against the adapter) or the first that fits it."""
     needs, width = adapter.detected.needs.replace("face+", ""), adapter.detected.input_dim
-
-    def fits(entry):
-        from .clip_vision import EncoderDesc
-        d = entry.detected
-        return encoder_fits(EncoderDesc(d.variant, d.hidden, d.input_dim, 0), needs, width)
-
     if wanted:
         for entry in encoders:
             if wanted in (entry.name, entry.path) or entry.name.rsplit(".", 1)[0] == wanted:
-                if not fits(entry):
-                    from .clip_vision import EncoderDesc
-                    d = entry.detected
-                    raise ModelFileError(mismatch_message(adapter.name, needs, width, entry.name,
-                                                          EncoderDesc(d.variant, d.hidden, d.input_dim, 0)))
+                if not encoder_fits(_desc(entry), needs, width):
+                    raise ModelFileError(mismatch_message(adapter.name, needs, width, entry.name, _desc(entry)))
                 return entry
         known = ", ".join(e.name for e in encoders) or "none"
         raise ModelFileError(f"Image encoder '{wanted}' was not found (available: {known}). "
                              + missing_encoder_message(needs, width, folders))
     for entry in encoders:
-        if fits(entry):
+        if encoder_fits(_desc(entry), needs, width):
             return entry
     raise ModelFileError(missing_encoder_message(needs, width, folders))
 

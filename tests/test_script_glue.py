@@ -112,3 +112,13 @@ def test_converter_section(webui, script_module, tmp_path, models_path):
     written = models_path / "ipadapter" / "trained.bin"
     assert written.is_file() and str(written) in text
     written.unlink()
+
+
+def test_model_picker_line_says_what_a_file_is_and_needs(webui, script_module):
+    line = script_module.describe_model("ip-adapter-plus_sd15.safetensors")
+    assert "plus" in line and "SD 1.5" in line and "16 tokens" in line
+    assert "encoder: CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors" in line
+    line = script_module.describe_model("ip-adapter.bin")
+    assert "instantid" in line and "SDXL" in line and "IdentityNet" in line
+    assert "buffalo_l" in script_module.describe_model("ip-adapter-faceid_sd15.bin")
+    assert script_module.describe_model("nothing.bin") == ""
