@@ -105,7 +105,8 @@ def run_pip(args, desc):
         import launch  # the webui's launcher: uses its pip options and index settings
     except ImportError:
         launch = None
-    if launch is not None and hasattr(launch, "run_pip"):
+    # launch.run_pip appends --prefer-binary, which "pip uninstall" refuses
+    if launch is not None and hasattr(launch, "run_pip") and args[0] == "install":
         launch.run_pip(" ".join(_quote(a) for a in args), desc)
     else:
         print("[sd-webui-instantid] %s" % desc)

@@ -128,3 +128,15 @@ def test_main_never_raises_when_pip_fails(fake_env, monkeypatch, capsys):
     monkeypatch.setattr(install, "run_pip", broken)
     install.main()
     assert "could not install the face analysis packages (no network)" in capsys.readouterr().out
+
+
+def test_uninstall_never_goes_through_the_webui_launcher(monkeypatch):
+    """The webui's launch.run_pip appends --prefer-binary, which 'pip uninstall' rejects."""
+    calls = []
+    fake_launch = types.SimpleNamespace(run_pip=lambda command, desc: calls.append(("launch", command)))
+    monkeypatch.setitem(sys.modules, "launch", fake_launch)
+    monkeypatch.setattr(install.subprocess, "check_call", lambda args: calls.append(("subprocess", args[3:])))
+    install.run_pip(["uninstall", "-y", "onnxruntime"], "x")
+    install.run_pip(["install", "--no-deps", "onnx==1.17.0"], "y")
+    assert calls == [("subprocess", ["uninstall", "-y", "onnxruntime"]),
+                     ("launch", "install --no-deps onnx==1.17.0")]
