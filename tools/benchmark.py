@@ -31,6 +31,7 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 from lib_instantid.identitynet import INSTANTID_CONFIG, IdentityNet  # noqa: E402
 from lib_instantid.instantid import KpsHint  # noqa: E402
 from lib_instantid.ip_attention import AttentionUnit  # noqa: E402
+from lib_instantid.lora import LoraPatch  # noqa: E402
 from lib_instantid.residuals import ControlUnit  # noqa: E402
 from lib_instantid.session import GenerationPatch, Schedule  # noqa: E402
 from lib_instantid.unet_layers import cross_attention_layers  # noqa: E402
@@ -97,15 +98,20 @@ def step_figures(args):
 
     ipa_tokens = tokens[:, :4].contiguous()     # an IP-Adapter unit (base / FaceID): 4 tokens
 
+    layers = cross_attention_layers(unet)
+
     def patched(name):
         if name == "ipadapter":
             return GenerationPatch(unet, [(AttentionUnit("bench", ipa_tokens, weights), Schedule(0.8))])
+        if name == "faceid":
+            return GenerationPatch(unet, [(AttentionUnit("bench", ipa_tokens, weights), Schedule(0.8))],
+                                   loras=[LoraPatch(layers, faceid_lora(layers), 1.0)])
         unit = AttentionUnit("bench", tokens, weights)
         control = [(ControlUnit("bench", net, tokens, hint), Schedule(0.8))] if name == "instantid" else []
         return GenerationPatch(unet, [(unit, Schedule(0.8))], control)
 
     # interleave the configurations so that machine load affects them alike
-    times = {"plain": [], "ipadapter": [], "instantid_ip": [], "instantid": []}
+    times = {"plain": [], "ipadapter": [], "faceid": [], "instantid_ip": [], "instantid": []}
     names = list(times)
     for r in range(args.repeats + 1):
         for name in names[r % len(names):] + names[:r % len(names)]:     # rotate the order per round
@@ -128,7 +134,8 @@ def step_figures(args):
     print(f"UNet step, batch {b} (cond + uncond), latent {s}x{s}, {'full-size SDXL' if args.full else 'reduced width'},"
           f" {n} cross-attention layers, {args.device} {args.dtype}, {args.repeats} rounds")
     print(f"  plain UNet                          {med['plain'] * 1000:8.1f} ms")
-    for key, label in (("ipadapter", "+ IP-Adapter unit (4 tokens)"), ("instantid_ip", "+ InstantID IP attention (16 tok.)")):
+    for key, label in (("ipadapter", "+ IP-Adapter unit (4 tokens)"), ("faceid", "+ FaceID unit (4 tok. + LoRA 128)"),
+                       ("instantid_ip", "+ InstantID IP attention (16 tok.)")):
         print(f"  {label:36s}{med[key] * 1000:8.1f} ms   x{ratio[key]:.3f}  ({(ratio[key] - 1) * 100:+.1f} %)")
     print(f"  + InstantID IP + IdentityNet        {med['instantid'] * 1000:8.1f} ms   x{ratio['instantid']:.3f}")
     print("  measured inside the hooks (not by difference, so other load on the machine does not enter):")
@@ -137,6 +144,20 @@ def step_figures(args):
         print(f"    {label} hooks: {inside * 1000:.1f} ms per step = {inside / med['plain'] * 100:.2f} % of the plain step")
     inside = hook_time(patched("instantid"), step, model, x, what="identitynet")
     print(f"    IdentityNet: {inside * 1000:.1f} ms per step = {inside / med['plain'] * 100:.1f} % of the plain step")
+
+
+def faceid_lora(layers, rank=128):
+    """A FaceID-shaped LoRA (rank 128 on q/k/v/out of every attention) for ``layers``."""
+    g = torch.Generator().manual_seed(1)
+    lora = {}
+    for layer in layers:
+        for n, attn in ((2 * layer.index, layer.self_attn), (2 * layer.index + 1, layer.module)):
+            lora[n] = {}
+            for proj in ("to_q", "to_k", "to_v", "to_out"):
+                linear = attn.to_out[0] if proj == "to_out" else getattr(attn, proj)
+                lora[n][f"{proj}_lora.down.weight"] = torch.randn(rank, linear.in_features, generator=g) * 0.01
+                lora[n][f"{proj}_lora.up.weight"] = torch.randn(linear.out_features, rank, generator=g) * 0.01
+    return lora
 
 
 def hook_time(patch, step, model, x, repeats=5, what="attention"):
