@@ -53,13 +53,21 @@ def sdxl_like(width: int = 64, depth: int = 2) -> UNetModel:
         attention_resolutions=[4, 2], channel_mult=[1, 2, 4], num_head_channels=64,
         use_spatial_transformer=True, use_linear_in_transformer=True, transformer_depth=depth,
         context_dim=[SDXL_CONTEXT] * depth, legacy=False)
+    return _no_zero_params(_as_sgm(unet, width)).eval()
+
+
+def _as_sgm(unet: UNetModel, width: int) -> UNetModel:
+    """sgm's two generalisations on an ldm UNet: one context for every transformer block, and the
+    ``adm`` label embedding of ``y`` (built on the device the UNet was built on)."""
     for module in unet.modules():
         if isinstance(module, SpatialTransformer):
             module.__class__ = SgmSpatialTransformer
     ted = width * 4
+    device = unet.time_embed[0].weight.device
     unet.num_classes = "sequential"
-    unet.label_emb = nn.Sequential(nn.Sequential(nn.Linear(SDXL_ADM, ted), nn.SiLU(), nn.Linear(ted, ted)))
-    return _no_zero_params(unet).eval()
+    unet.label_emb = nn.Sequential(nn.Sequential(nn.Linear(SDXL_ADM, ted, device=device), nn.SiLU(),
+                                                 nn.Linear(ted, ted, device=device)))
+    return unet
 
 
 def sd15_like(width: int = 64) -> UNetModel:
@@ -186,7 +194,7 @@ def sdxl_full_meta() -> UNetModel:
     for name, module in unet.named_modules():   # the 640-wide level has depth 2 in SDXL
         if isinstance(module, SpatialTransformer) and module.proj_in.in_features == 640:
             module.transformer_blocks = module.transformer_blocks[:2]
-    return unet
+    return _as_sgm(unet, 320)
 
 
 def sd15_full_meta() -> UNetModel:
