@@ -264,6 +264,12 @@ def parse_args(args: Sequence[Any]) -> Request:
     n = len(UI_ORDER)
     count = (len(args) - 1) // n                     # the panel's units, each in UI_ORDER
     units = [unit_from_values(args[1 + i * n: 1 + (i + 1) * n], f"units[{i}].") for i in range(count)]
+    if any(u.enabled and u.all_images for u in units):
+        # in the panel, unit 1 is ticked by default: a ticked unit left without a photo is not in use
+        # when another unit has one (with no photo anywhere, the generation says what is missing)
+        for u in units:
+            if not u.all_images:
+                u.enabled = False
     return Request(bool(enabled), units)
 
 

@@ -71,3 +71,12 @@ def test_infotext_round_trip():
     assert infotext.units_in({"InstantID": text, "Steps": "20"})[0] == back
     assert infotext.units_in({"InstantID unit 1": text, "InstantID unit 2": text}) == [back, back]
     assert infotext.parse_unit("weight=heavy; nonsense; end=0.5") == {"end": 0.5}
+
+
+def test_panel_units_without_a_photo_are_not_in_use_when_another_has_one():
+    unit = {n: getattr(UnitParams(), n) for n in UI_ORDER}
+    with_photo = dict(unit, image=np.zeros((4, 4, 3), np.uint8))
+    req = parse_args([True] + [unit[n] for n in UI_ORDER] + [with_photo[n] for n in UI_ORDER])
+    assert len(req.active_units) == 1 and req.active_units[0].image is not None
+    req = parse_args([True] + [unit[n] for n in UI_ORDER] + [unit[n] for n in UI_ORDER])
+    assert len(req.active_units) == 2          # nothing anywhere: the generation will say what is missing
