@@ -41,6 +41,15 @@ class AttentionUnit:
     layer_scales: Optional[Sequence[float]] = None
     mask: Optional[torch.Tensor] = None   # [H, W] in [0, 1], or None for the whole image
     kv: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    _masks: Dict[tuple, Optional[torch.Tensor]] = field(default_factory=dict, repr=False)
+
+    def mask_for(self, tokens: int, latent_hw, like: torch.Tensor) -> Optional[torch.Tensor]:
+        """The mask on a layer's token grid, [1, tokens, 1, 1] like ``like``; computed once per size."""
+        key = (tokens, latent_hw, like.device, like.dtype)
+        if key not in self._masks:
+            m = _mask_for(self.mask, tokens, latent_hw)
+            self._masks[key] = None if m is None else m.to(like)[..., None]
+        return self._masks[key]
 
     def prepare(self, layers: Sequence[CrossAttnLayer], device, dtype) -> None:
         """Project this unit's tokens through every layer's to_k_ip/to_v_ip, once."""
@@ -69,11 +78,20 @@ class CallState:
         self.control_scales: List[float] = []   # per control unit, at this step
         self.latent_hw: Optional[Tuple[int, int]] = None
         self._on_device: Dict[torch.device, torch.Tensor] = {}
+        self._uniform: Optional[int] = None
         self._warned = False
 
     def set_call(self, kinds: Optional[torch.Tensor]) -> None:
         self.kinds = kinds
         self._on_device = {}
+        # decided here, on the CPU copy: the per-layer hooks must not synchronise with the GPU
+        self._uniform = int(kinds[0]) if kinds is not None and len(kinds) and bool((kinds == kinds[0]).all()) else None
+
+    def uniform_kind(self, rows: int) -> Optional[int]:
+        """The kind shared by every row of the call, or None when the rows differ."""
+        if self.kinds is None or self.kinds.shape[0] != rows:
+            return COND
+        return self._uniform
 
     def kinds_for(self, rows: int, device: torch.device) -> torch.Tensor:
         kinds = self.kinds
@@ -129,28 +147,28 @@ class IPAttentionPatch:
         forward has just made for to_out[0] and nothing else holds it.
         """
         target = None
+        uniform = self.state.uniform_kind(q.shape[0])
         kinds = None
         for u, unit in enumerate(self.units):
             kv = unit.kv.get(layer.index)
             scale = self.state.unit_scales[u] * unit.scale_for(layer.index) if kv else 0.0
             if scale == 0.0:
                 continue
-            if kinds is None:
-                kinds = self.state.kinds_for(q.shape[0], q.device)
-                single = bool((kinds == kinds[0]).all())
             k, v = kv
             if k.device != q.device or k.dtype != q.dtype:   # lowvram/medvram, fp8 weights: move once
                 k, v = k.to(q.device, q.dtype), v.to(q.device, q.dtype)
                 unit.kv[layer.index] = (k, v)
-            if single:    # every row of the same kind: broadcast, no copy
-                k, v = k[int(kinds[0]):int(kinds[0]) + 1], v[int(kinds[0]):int(kinds[0]) + 1]
+            if uniform is not None:    # every row of the same kind: broadcast, no copy
+                k, v = k[uniform:uniform + 1], v[uniform:uniform + 1]
             else:
+                if kinds is None:
+                    kinds = self.state.kinds_for(q.shape[0], q.device)
                 k, v = k.index_select(0, kinds), v.index_select(0, kinds)
             term = _attention(q, k, v, layer.module.heads)
             if unit.mask is not None:
-                m = _mask_for(unit.mask, q.shape[1], self.state.latent_hw)
+                m = unit.mask_for(q.shape[1], self.state.latent_hw, term)
                 if m is not None:
-                    term = term * m.to(term)[..., None]
+                    term = term * m
             if target is None:
                 in_place = not torch.is_grad_enabled() and out.is_contiguous()
                 target = out if in_place else out.contiguous().clone()

@@ -123,8 +123,9 @@ class GenerationPatch:
         self.rows.end()
         self.state.set_call(None)
         self._labelled_models.clear()
-        for unit, _ in self.attention:
+        for unit, _ in self.attention:     # per-generation tensors on the GPU
             unit.kv.clear()
+            unit._masks.clear()
 
     # -- following the sampler --------------------------------------------------------------
     def begin_pass(self, is_hires: bool) -> None:

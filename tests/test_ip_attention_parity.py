@@ -89,3 +89,28 @@ def test_image_term_is_real(unets):
         after = ldm(x, t, context=ctx, y=y)
     assert (patched - plain).abs().max() > 1e-3
     assert torch.equal(after, plain)
+
+
+def test_attention_mask_limits_the_image_term(unets):
+    """A black mask removes the image term, a white one keeps it whole, a half mask acts in between."""
+    ldm, twin, layers, ip = unets
+    emb = torch.randn(1024, generator=torch.Generator().manual_seed(2))
+    x, t, ctx, y, _ = sdxl_inputs(1)
+
+    def run(mask):
+        unit = _unit(twin, layers, ip, emb)
+        unit.mask = mask
+        model = CallsUNet(ldm)
+        with torch.no_grad(), GenerationPatch(ldm, [(unit, Schedule(0.8))]) as patch:
+            patch.begin_step(x, 1, 0, 10, model)
+            return model(x, t, context=ctx, y=y)
+
+    with torch.no_grad():
+        plain = ldm(x, t, context=ctx, y=y)
+    full = run(None)
+    assert torch.allclose(run(torch.zeros(64, 64)), plain, atol=1e-6)
+    assert torch.allclose(run(torch.ones(64, 64)), full, atol=1e-6)
+    half = torch.zeros(64, 64)
+    half[:, :32] = 1.0
+    partial = run(half)
+    assert (partial - plain).abs().max() > 1e-4 and (partial - full).abs().max() > 1e-4
