@@ -99,20 +99,24 @@ class ResidualPatch:
             self.pending = None
             return None
 
+        # Without autograd the residuals are added in place: the middle block's output and each
+        # output block's concatenated input are fresh tensors that nothing else holds.
         def add_mid(module, args, output):
             if self.pending is None:
                 return None
-            mid = self.pending[1]
-            return output + mid.to(output.device, output.dtype)
+            mid = self.pending[1].to(output.device, output.dtype)
+            return output.add_(mid) if not torch.is_grad_enabled() else output + mid
 
         def add_skip(module, args, index):
             if self.pending is None:
                 return None
-            res = self.pending[0][index]
             h = args[0]
+            res = self.pending[0][index].to(h.device, h.dtype)
             c = res.shape[1]
-            skip = h[:, -c:] + res.to(h.device, h.dtype)
-            return (torch.cat([h[:, :-c], skip], dim=1),) + tuple(args[1:])
+            if not torch.is_grad_enabled():
+                h[:, -c:].add_(res)       # the skip half of cat([h, skip])
+                return None
+            return (torch.cat([h[:, :-c], h[:, -c:] + res], dim=1),) + tuple(args[1:])
 
         hooks.pre(self.unet, before_unet, with_kwargs=True)
         hooks.post(self.unet, after_unet, with_kwargs=True, always_call=True)
