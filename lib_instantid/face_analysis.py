@@ -271,16 +271,6 @@ def select_face(faces: Sequence[Face], mode: Union[str, int] = "largest") -> Fac
     return sorted(faces, key=lambda f: float(f.bbox[0]))[index]
 
 
-def average_embeddings(faces: Sequence[Face]) -> np.ndarray:
-    """Mean raw embedding of several photos of one person (accepts Face objects or arrays)."""
-    vectors = [np.asarray(getattr(f, "embedding", f), dtype=np.float32).reshape(-1) for f in faces]
-    if not vectors:
-        raise FaceAnalysisError(NO_FACE_MESSAGE)
-    if len(set(v.shape for v in vectors)) != 1:
-        raise ValueError("face embeddings of different sizes cannot be averaged")
-    return np.mean(np.stack(vectors), axis=0)
-
-
 def align_face_crop(image_rgb, face: Face, size: int = 224) -> np.ndarray:
     """ArcFace-aligned square crop (insightface ``norm_crop``), RGB uint8 ``size`` x ``size``."""
     if size <= 0 or (size % 112 and size % 128):

@@ -13,7 +13,7 @@ from typing import Dict, Tuple
 import numpy as np
 import torch
 
-from .kps import draw_kps, fit_kps
+from .kps import kps_map_for
 
 
 class KpsHint:
@@ -29,7 +29,7 @@ class KpsHint:
         self._cache: Dict[tuple, torch.Tensor] = {}
 
     def image(self, width: int, height: int) -> np.ndarray:
-        return draw_kps(width, height, fit_kps(self.kps, self.src_w, self.src_h, width, height))
+        return kps_map_for(self.kps, (self.src_w, self.src_h), (width, height))
 
     def __call__(self, height: int, width: int, device, dtype) -> torch.Tensor:
         key = (height, width, str(device), dtype)

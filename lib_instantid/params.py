@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 import io
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -284,7 +284,3 @@ def describe_fields() -> List[Dict[str, Any]]:
             item["choices"] = [c for c in CHOICES[f.name] if c]
         out.append(item)
     return out
-
-
-def field_names() -> List[str]:
-    return [f.name for f in fields(UnitParams)]

@@ -50,7 +50,6 @@ class Prepared:
     control: list = field(default_factory=list)       # [(ControlUnit, Schedule)]
     loras: list = field(default_factory=list)         # [LoraPatch]
     infotext: Dict[str, str] = field(default_factory=dict)
-    kps_hints: List[KpsHint] = field(default_factory=list)
 
     def patch(self, unet: torch.nn.Module) -> GenerationPatch:
         return GenerationPatch(unet, self.attention, self.control, self.loras)
@@ -185,7 +184,6 @@ def _unit(unit: UnitParams, where: str, entries, locations: Locations, layers, b
         out.control.append((ControlUnit(where, net, tokens, hint),
                             Schedule(unit.identitynet_strength, unit.identitynet_start, unit.identitynet_end,
                                      unit.hires_identitynet)))
-        out.kps_hints.append(hint)
         identitynet = cn_entry.name
     out.infotext[where] = format_unit(unit, entry.name, identitynet, len(images), **extra)
 

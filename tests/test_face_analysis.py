@@ -14,7 +14,6 @@ from lib_instantid.errors import FaceAnalysisError
 from lib_instantid.face_analysis import (
     FaceAnalyzer,
     align_face_crop,
-    average_embeddings,
     check_antelopev2,
     select_face,
 )
@@ -137,9 +136,6 @@ def test_two_markers_index_order_and_identical_faces_embed_alike(marker):
     assert select_face(faces, 1).bbox[0] == pytest.approx(384.0)
     a, b = (f.normed_embedding for f in faces)
     assert float(a @ b) == pytest.approx(1.0, abs=1e-4)  # same content, same aligned crop
-    np.testing.assert_allclose(average_embeddings(faces), (faces[0].embedding + faces[1].embedding) / 2, rtol=1e-6)
-    with pytest.raises(FaceAnalysisError):
-        average_embeddings([])
 
 
 @needs_insightface

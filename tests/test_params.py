@@ -80,3 +80,11 @@ def test_panel_units_without_a_photo_are_not_in_use_when_another_has_one():
     assert len(req.active_units) == 1 and req.active_units[0].image is not None
     req = parse_args([True] + [unit[n] for n in UI_ORDER] + [unit[n] for n in UI_ORDER])
     assert len(req.active_units) == 2          # nothing anywhere: the generation will say what is missing
+
+
+def test_documented_defaults_are_the_defaults():
+    from lib_instantid.params import UNIT_FIELDS
+    unit = UnitParams()
+    for f in UNIT_FIELDS:
+        assert getattr(unit, f.name) == f.default, f.name
+    assert [f.name for f in UNIT_FIELDS] == UI_ORDER
