@@ -302,3 +302,30 @@ def test_reduced_ip_adapter_shapes():
     assert ip["1.to_k_lora.down.weight"].shape == (128, 768)  # attn2: input is the context
     assert ip["1.to_out_lora.up.weight"].shape == (32, 128)
     assert "5.to_k_ip.weight" not in ip and sd["image_proj"]["proj.2.weight"].shape == (3072, 1024)
+
+
+def test_unit_tokens_average_and_concat():
+    """Several references: 'average' projects the mean input, 'concat' each one's tokens in turn."""
+    from types import SimpleNamespace
+    from lib_instantid.model_files import Detected
+    from lib_instantid.projection import ImageProjModel
+    from lib_instantid.tokens import References, unit_tokens
+
+    torch.manual_seed(0)
+    proj = ImageProjModel(clip_dim=32, output_dim=16, num_tokens=4).eval()
+    adapter = SimpleNamespace(name="a", proj=proj, info=SimpleNamespace(kind="image_proj"),
+                              detected=Detected("adapter", "base", "sd15", 4, "clip_embeds", 32))
+    x = torch.randn(2, 32)
+    with torch.no_grad():
+        one, two, zero = proj(x[:1]), proj(x[1:]), proj(torch.zeros(1, 32))
+        mean = proj(x.mean(0, keepdim=True))
+    avg = unit_tokens(adapter, References(clip_embeds=x), combine="average")
+    assert torch.allclose(avg, torch.cat([mean, zero]), atol=1e-6)
+    cat = unit_tokens(adapter, References(clip_embeds=x), combine="concat")
+    assert cat.shape == (2, 8, 16)
+    assert torch.allclose(cat[0], torch.cat([one[0], two[0]]), atol=1e-6)
+    assert torch.allclose(cat[1], torch.cat([zero[0], zero[0]]), atol=1e-6)
+    neg = torch.randn(1, 32)
+    with torch.no_grad():
+        assert torch.allclose(unit_tokens(adapter, References(clip_embeds=x, uncond_clip_embeds=neg))[1], proj(neg)[0],
+                              atol=1e-6)
